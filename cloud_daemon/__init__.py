@@ -1,0 +1,1 @@
+"""The cloud daemon: Kinesis consumer, CSR validation, idempotent AWS IoT issuance, delivery."""

@@ -1,0 +1,1 @@
+"""The whole cloud on loopback: mosquitto brokers, moto with AWS-fidelity fixes, AirVantage."""

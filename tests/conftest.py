@@ -1,0 +1,1 @@
+"""Suite-wide fixtures. Tier-specific fixtures live beside their tests."""
