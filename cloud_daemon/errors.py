@@ -1,0 +1,138 @@
+"""The exception hierarchy of the ``cloud_daemon`` package.
+
+A leaf module: it imports only :mod:`shared.errors` (itself a leaf), so that one ``except
+ZtpError`` catches every error of the project, and every module here can import this one.
+
+The classes are split by who is at fault:
+
+- :class:`CloudUsageError` (a :class:`shared.errors.UsageError`): our own side asked for
+  something impossible, such as a stream that does not exist or a lease table with the wrong
+  key schema. Fix the configuration; retrying will not help.
+- :class:`AwsServiceError` (a :class:`shared.errors.PeerError`): AWS answered, and the answer is
+  a refusal. Its subclasses name the refusals the consumer acts on: :class:`ThrottledError`
+  (back off and retry), :class:`IteratorExpiredError` (get a fresh iterator from the checkpoint).
+- :class:`AwsTransportError` (a :class:`shared.errors.TransportError`): the path to AWS failed
+  (connection refused, timeout). Retry with backoff.
+- :class:`LeaseError`: coordination between consumer instances. :class:`LeaseLostError` means
+  another instance owns the shard now (stop reading it, never checkpoint it again);
+  :class:`LeaseTakenError` means an attempt to take a lease lost a race (try another shard).
+
+Botocore exceptions are translated into these once, in the adapters (``consumer.py``,
+``leases.py``), with ``raise ... from exc``. No message carries a secret.
+"""
+
+from __future__ import annotations
+
+from shared.errors import PeerError, TransportError, UsageError, ZtpError
+
+__all__ = [
+    "AwsServiceError",
+    "AwsTransportError",
+    "CloudDaemonError",
+    "CloudUsageError",
+    "IteratorExpiredError",
+    "LeaseError",
+    "LeaseLostError",
+    "LeaseTakenError",
+    "ResourceNotFoundError",
+    "ThrottledError",
+]
+
+
+class CloudDaemonError(ZtpError):
+    """Base of every error raised by the ``cloud_daemon`` package."""
+
+
+class CloudUsageError(CloudDaemonError, UsageError):
+    """Local misuse: a bad argument or a configuration that names something impossible."""
+
+
+class ResourceNotFoundError(CloudUsageError):
+    """A stream or table named by our configuration does not exist.
+
+    Attributes:
+        operation: the AWS operation that was refused (``ListShards``).
+        resource: the name we asked for.
+    """
+
+    def __init__(self, operation: str, resource: str) -> None:
+        super().__init__(f"{operation}: {resource!r} does not exist")
+        self.operation = operation
+        self.resource = resource
+
+
+class AwsServiceError(CloudDaemonError, PeerError):
+    """AWS refused a call.
+
+    Attributes:
+        operation: the AWS operation (``GetRecords``).
+        code: the AWS error code (``InternalFailure``).
+    """
+
+    def __init__(self, operation: str, code: str, detail: str = "") -> None:
+        text = f"{operation} refused: {code}"
+        super().__init__(f"{text} ({detail})" if detail else text)
+        self.operation = operation
+        self.code = code
+
+
+class ThrottledError(AwsServiceError):
+    """AWS throttled a call: back off with jitter, then retry.
+
+    Attributes:
+        limit_name: which limit was hit (``GetRecords per shard``, ``ListShards per stream``).
+        retry_after: seconds to wait when AWS said so, else ``None`` (use our own backoff).
+    """
+
+    def __init__(
+        self, operation: str, code: str, *, limit_name: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(operation, code, f"limit {limit_name}")
+        self.limit_name = limit_name
+        self.retry_after = retry_after
+
+
+class IteratorExpiredError(AwsServiceError):
+    """A shard iterator is older than five minutes: get a new one from the checkpoint.
+
+    Attributes:
+        shard_id: the shard whose iterator expired.
+    """
+
+    def __init__(self, operation: str, code: str, *, shard_id: str) -> None:
+        super().__init__(operation, code, f"shard {shard_id}")
+        self.shard_id = shard_id
+
+
+class AwsTransportError(CloudDaemonError, TransportError):
+    """The path to AWS failed (connection refused, reset, timeout): retry with backoff.
+
+    Attributes:
+        operation: the AWS operation that was under way.
+    """
+
+    def __init__(self, operation: str, reason: str) -> None:
+        super().__init__(f"{operation}: {reason}")
+        self.operation = operation
+
+
+class LeaseError(CloudDaemonError):
+    """A shard lease could not be taken or kept.
+
+    Attributes:
+        shard_id: the shard the lease is for.
+        owner: the worker that tried (us), never a secret.
+    """
+
+    def __init__(self, shard_id: str, owner: str, reason: str) -> None:
+        super().__init__(f"lease on {shard_id} for {owner}: {reason}")
+        self.shard_id = shard_id
+        self.owner = owner
+
+
+class LeaseLostError(LeaseError):
+    """We no longer own a lease we held: stop reading the shard, never checkpoint it again."""
+
+
+class LeaseTakenError(LeaseError):
+    """Taking a lease lost a race with another worker (its counter or owner changed)."""
