@@ -1,0 +1,448 @@
+"""Logging set-up for both daemons: one structlog pipeline, configured once by each entry point.
+
+Modules never configure logging; they call ``structlog.get_logger()`` and bind per-task context
+with ``structlog.contextvars.bound_contextvars(device=..., shard=...)``. Each ``__main__`` calls
+:func:`configure_logging` once, before anything logs.
+
+The pipeline, in order:
+
+1. ``merge_contextvars``: context bound by the running task.
+2. the level name and a UTC ISO-8601 timestamp (the timestamp is left out for syslog, which
+   stamps every line itself).
+3. stack and exception info rendered to strings (``stack``, ``exception``), so that the next
+   step sees the text of a traceback too.
+4. :class:`SecretRedactor`: the second line of defence. Values under secret-bearing keys are
+   masked wherever they sit (nested dicts and lists included), and secret-looking fragments are
+   masked inside every string (a PEM private key block, ``Bearer <token>``, an
+   ``Authorization:`` header, ``password=...``). The first line of defence is never passing a
+   secret to a logger at all.
+5. the renderer:
+
+   - ``keyvalue``: one line per event, ``timestamp=... level=... event=... key=value ...``; the
+     remaining keys sorted so the order is stable; values with spaces, quotes or ``=`` are
+     double-quoted; control characters escaped, so a traceback stays on one line; no colours.
+     Meant for syslog (``logread``) or stderr (journald).
+   - ``json``: one JSON object per line, for ECS and the awslogs driver.
+
+Syslog goes through the standard library's :class:`logging.handlers.SysLogHandler` on a Unix
+datagram socket (``/dev/log`` by default, configurable so tests can bind their own), not the
+``syslog`` module, whose socket path cannot be chosen. When the socket is absent, logs go to
+stderr and the first event says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterable, Mapping
+from logging.handlers import SysLogHandler
+from pathlib import Path
+from typing import Any, Final, Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from shared.errors import UsageError
+
+__all__ = [
+    "DEFAULT_SECRET_KEYS",
+    "DEFAULT_SYSLOG_ADDRESS",
+    "REDACTED",
+    "LogDestination",
+    "LogStyle",
+    "SecretRedactor",
+    "configure_logging",
+    "render_keyvalue",
+    "reset_logging",
+]
+
+LogStyle = Literal["keyvalue", "json"]
+LogDestination = Literal["stderr", "stdout", "syslog"]
+
+REDACTED: Final = "[redacted]"
+DEFAULT_SYSLOG_ADDRESS: Final = "/dev/log"
+
+DEFAULT_SECRET_KEYS: Final[frozenset[str]] = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "secret",
+        "client_secret",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "session_token",
+        "authorization",
+        "cookie",
+        "set_cookie",
+        "api_key",
+        "apikey",
+        "private_key",
+        "key_pem",
+        "credential",
+        "credentials",
+    }
+)
+"""Key names whose values are always masked.
+
+A key matches when one of these names appears in it as a whole ``_``-separated segment run,
+after the key is lower-cased and camelCase or ``-``/``.`` separators are turned into ``_``:
+``password`` masks ``password``, ``db_password``, ``AIRVANTAGE_PASSWORD`` and ``passwordFile``;
+``token`` masks ``accessToken`` and ``token_expires_at`` (over-masking is the safe side), but not
+``tokens``. Extend it with ``configure_logging(extra_secret_keys=...)``.
+"""
+
+_LEVELS: Final[Mapping[str, int]] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_STYLES: Final = ("keyvalue", "json")
+_DESTINATIONS: Final = ("stderr", "stdout", "syslog")
+_FIRST_KEYS: Final = ("timestamp", "level", "event")
+# Deeper nesting than this in a log event is a bug; masking the rest also stops a cycle.
+_MAX_DEPTH: Final = 16
+_CAMEL_BOUNDARY: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_NON_WORD: Final = re.compile(r"[^a-z0-9]+")
+
+_PEM_PRIVATE_KEY: Final = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)",
+    re.DOTALL,
+)
+_BEARER: Final = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+# The rest of an Authorization header value, up to the end of the line or of a quoted string.
+_AUTHORIZATION: Final = re.compile(
+    r"""(authorization["']?\s*[:=]\s*["']?)[^"'\r\n,}]+""", re.IGNORECASE
+)
+
+
+def _normalise_key(key: str) -> str:
+    return _NON_WORD.sub("_", _CAMEL_BOUNDARY.sub("_", key).lower()).strip("_")
+
+
+class SecretRedactor:
+    """A structlog processor that masks secrets anywhere in an event.
+
+    Args:
+        secret_keys: key names whose values are masked (see :data:`DEFAULT_SECRET_KEYS` for the
+            matching rule); defaults to :data:`DEFAULT_SECRET_KEYS`.
+        mask: what a secret is replaced with.
+
+    The returned event is a copy: containers bound by the caller are never changed. Values
+    that are not strings, numbers, booleans, ``None`` or containers (exceptions, paths, objects)
+    are turned into their ``str()`` and scrubbed, since a renderer would print that text anyway.
+    """
+
+    __slots__ = ("_assignment", "_keys", "_mask")
+
+    def __init__(
+        self, *, secret_keys: Iterable[str] = DEFAULT_SECRET_KEYS, mask: str = REDACTED
+    ) -> None:
+        keys = sorted({_normalise_key(k) for k in secret_keys} - {""}, key=len, reverse=True)
+        if not keys:
+            raise UsageError("SecretRedactor needs at least one secret key name")
+        self._keys = tuple(f"_{k}_" for k in keys)
+        self._mask = mask
+        alternation = "|".join(re.escape(k) for k in keys)
+        # ``password=hunter2``, ``"client_secret": "x"``, ``db_password: x`` inside free text;
+        # a value already masked (by the Authorization rule) is left alone.
+        self._assignment = re.compile(
+            rf"""((?:{alternation})["']?\s*[:=]\s*["']?)(?!{re.escape(mask)})[^\s"'&,;}}\]]+""",
+            re.IGNORECASE,
+        )
+
+    def is_secret_key(self, key: object) -> bool:
+        """Tell whether values under ``key`` are masked.
+
+        Args:
+            key: a mapping key of any type; non-strings are matched on their ``str()``.
+
+        Returns:
+            ``True`` when the key names a secret.
+        """
+        wrapped = f"_{_normalise_key(str(key))}_"
+        return any(name in wrapped for name in self._keys)
+
+    def scrub(self, text: str) -> str:
+        """Mask secret-looking fragments inside free text.
+
+        Args:
+            text: any string (an event message, an exception's text, a traceback).
+
+        Returns:
+            The text with PEM private key blocks, ``Bearer``/``Basic`` credentials,
+            ``Authorization`` header values and ``<secret key>=<value>`` assignments masked.
+        """
+        text = _PEM_PRIVATE_KEY.sub(self._mask, text)
+        text = _BEARER.sub(lambda m: f"{m.group(1)} {self._mask}", text)
+        text = _AUTHORIZATION.sub(lambda m: f"{m.group(1)}{self._mask}", text)
+        return self._assignment.sub(lambda m: f"{m.group(1)}{self._mask}", text)
+
+    def redact(self, value: object, depth: int = 0) -> object:
+        """Return a copy of ``value`` with every secret masked.
+
+        Args:
+            value: a log value: scalar, string, mapping, sequence or any object.
+            depth: current nesting depth (callers leave it at 0).
+
+        Returns:
+            The redacted copy.
+        """
+        result: object
+        if value is None or isinstance(value, bool | int | float):
+            result = value
+        elif isinstance(value, str):
+            result = self.scrub(value)
+        elif depth >= _MAX_DEPTH:
+            result = self._mask
+        elif isinstance(value, Mapping):
+            result = {
+                k: self._mask if self.is_secret_key(k) else self.redact(v, depth + 1)
+                for k, v in value.items()
+            }
+        elif isinstance(value, list | tuple | set | frozenset):
+            result = [self.redact(item, depth + 1) for item in value]
+        elif isinstance(value, bytes | bytearray):
+            result = self.scrub(bytes(value).decode("utf-8", "backslashreplace"))
+        else:
+            result = self.scrub(str(value))
+        return result
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        """Redact one event (the structlog processor protocol)."""
+        return {
+            key: self._mask if self.is_secret_key(key) else self.redact(value)
+            for key, value in event_dict.items()
+        }
+
+
+def _escape(text: str) -> str:
+    out: list[str] = []
+    for ch in text:
+        if ch in {"\\", '"'}:
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _format_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping | list | tuple):
+        text = json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+    else:
+        text = str(value)
+    if text and not any(ch in text for ch in ' ="\\') and text.isprintable():
+        return text
+    return f'"{_escape(text)}"'
+
+
+def render_keyvalue(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> str:
+    """Render an event as one ``key=value`` line (the structlog renderer protocol).
+
+    ``timestamp``, ``level`` and ``event`` come first when present, then the other keys sorted.
+    A value is double-quoted when it is empty or holds a space, ``=``, ``"``, ``\\`` or a
+    non-printable character; inside quotes ``\\``, ``"`` and control characters are escaped,
+    so every event is exactly one line. Dicts and lists are rendered as compact JSON.
+
+    Returns:
+        The line, without a trailing newline.
+    """
+    first = [k for k in _FIRST_KEYS if k in event_dict]
+    rest = sorted((k for k in event_dict if k not in _FIRST_KEYS), key=str)
+    return " ".join(f"{key}={_format_value(event_dict[key])}" for key in (*first, *rest))
+
+
+def _first_keys_first(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Put timestamp, level and event first, so JSON lines read well unparsed too."""
+    ordered = {k: event_dict[k] for k in _FIRST_KEYS if k in event_dict}
+    ordered.update(event_dict)
+    return ordered
+
+
+class _SyslogWriter:
+    """The wrapped logger structlog writes rendered lines to when the destination is syslog.
+
+    Each level method hands one line to the stdlib :class:`SysLogHandler`, which maps the level
+    to a syslog priority. Not a :class:`logging.Logger`: nothing propagates to the root logger's
+    handlers, and nothing else can add handlers to it.
+    """
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: SysLogHandler) -> None:
+        self.handler = handler
+
+    def _emit(self, levelno: int, line: str) -> None:
+        record = logging.makeLogRecord(
+            {"msg": line, "levelno": levelno, "levelname": logging.getLevelName(levelno)}
+        )
+        self.handler.handle(record)
+
+    def debug(self, line: str) -> None:
+        self._emit(logging.DEBUG, line)
+
+    def info(self, line: str) -> None:
+        self._emit(logging.INFO, line)
+
+    def warning(self, line: str) -> None:
+        self._emit(logging.WARNING, line)
+
+    def error(self, line: str) -> None:
+        self._emit(logging.ERROR, line)
+
+    def critical(self, line: str) -> None:
+        self._emit(logging.CRITICAL, line)
+
+
+class _SyslogState:
+    """The syslog handler currently installed, so a second configure closes the first."""
+
+    handler: SysLogHandler | None = None
+
+
+def _close_syslog() -> None:
+    handler = _SyslogState.handler
+    _SyslogState.handler = None
+    if handler is not None:
+        handler.close()
+
+
+def _open_syslog(*, address: str, ident: str, facility: int) -> _SyslogWriter:
+    """Connect to the syslog socket; raises OSError when it is absent or refuses us."""
+    # SysLogHandler swallows a failed connect (as openlog(3) does); probe first so a missing
+    # /dev/log is noticed and reported instead of every event being lost.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+    handler = SysLogHandler(address=address, facility=facility)
+    # The RFC 3164 tag, as syslog(3) writes it with LOG_PID; syslogd adds host and time.
+    handler.ident = f"{ident}[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    _SyslogState.handler = handler
+    return _SyslogWriter(handler)
+
+
+def configure_logging(
+    *,
+    style: LogStyle,
+    destination: LogDestination,
+    ident: str,
+    level: str = "info",
+    syslog_address: str | Path = DEFAULT_SYSLOG_ADDRESS,
+    facility: int = SysLogHandler.LOG_DAEMON,
+    stream: TextIO | None = None,
+    extra_secret_keys: Iterable[str] = (),
+    cache_loggers: bool = False,
+) -> LogDestination:
+    """Configure structlog for the whole process. Safe to call again: it replaces the set-up.
+
+    Args:
+        style: ``"keyvalue"`` (syslog/logread style lines) or ``"json"`` (JSON lines).
+        destination: ``"stderr"``, ``"stdout"`` or ``"syslog"``.
+        ident: the syslog tag (``ztp`` for the device daemon, ``ztp-cloud`` for the cloud one).
+        level: the lowest level logged: debug, info, warning, error or critical.
+        syslog_address: path of the syslog Unix datagram socket.
+        facility: syslog facility (``SysLogHandler.LOG_DAEMON`` by default).
+        stream: write here instead of ``sys.stdout``/``sys.stderr`` (tests); ignored for syslog.
+        extra_secret_keys: key names masked in addition to :data:`DEFAULT_SECRET_KEYS`.
+        cache_loggers: let structlog cache bound loggers on first use (faster; only for entry
+            points that configure once, since cached loggers keep the old pipeline).
+
+    Returns:
+        The destination actually in use: ``"stderr"`` when syslog was asked for but its socket
+        is absent or refuses connections (a warning event then says so).
+
+    Raises:
+        UsageError: an unknown style, destination or level, or an empty ident.
+    """
+    if style not in _STYLES:
+        raise UsageError(f"log style must be one of {', '.join(_STYLES)}, got {style!r}")
+    if destination not in _DESTINATIONS:
+        raise UsageError(
+            f"log destination must be one of {', '.join(_DESTINATIONS)}, got {destination!r}"
+        )
+    level_number = _LEVELS.get(level.lower())
+    if level_number is None:
+        raise UsageError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    if not ident or any(ch.isspace() for ch in ident):
+        raise UsageError(f"log ident must be a non-empty word, got {ident!r}")
+
+    _close_syslog()
+    actual: LogDestination = destination
+    fallback_reason: str | None = None
+    logger_factory: Any
+    if destination == "syslog":
+        address = str(syslog_address)
+        try:
+            syslog = _open_syslog(address=address, ident=ident, facility=facility)
+        except OSError as exc:
+            actual = "stderr"
+            fallback_reason = exc.strerror or type(exc).__name__
+            logger_factory = structlog.WriteLoggerFactory(file=stream or sys.stderr)
+        else:
+            logger_factory = lambda *_args: syslog  # noqa: E731 - structlog wants a factory
+    else:
+        default = sys.stdout if destination == "stdout" else sys.stderr
+        logger_factory = structlog.WriteLoggerFactory(file=stream or default)
+
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+    ]
+    if actual != "syslog":
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+    processors += [
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        SecretRedactor(secret_keys=DEFAULT_SECRET_KEYS | frozenset(extra_secret_keys)),
+    ]
+    if style == "json":
+        processors.append(structlog.processors.JSONRenderer(default=str, separators=(",", ":")))
+    else:
+        processors.append(render_keyvalue)
+
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level_number),
+        context_class=dict,
+        logger_factory=logger_factory,
+        cache_logger_on_first_use=cache_loggers,
+    )
+    if fallback_reason is not None:
+        structlog.get_logger().warning(
+            "syslog socket unusable, logging to stderr",
+            syslog_address=str(syslog_address),
+            reason=fallback_reason,
+        )
+    return actual
+
+
+def reset_logging() -> None:
+    """Close the syslog handler, if any, and restore structlog's defaults (for tests)."""
+    _close_syslog()
+    structlog.reset_defaults()
