@@ -422,7 +422,10 @@ def configure_logging(
         SecretRedactor(secret_keys=DEFAULT_SECRET_KEYS | frozenset(extra_secret_keys)),
     ]
     if style == "json":
-        processors.append(structlog.processors.JSONRenderer(default=str, separators=(",", ":")))
+        processors += [
+            _first_keys_first,
+            structlog.processors.JSONRenderer(default=str, separators=(",", ":")),
+        ]
     else:
         processors.append(render_keyvalue)
 
