@@ -1,0 +1,186 @@
+"""The lease-store contract, held by the in-memory, SQLite and DynamoDB (moto server) stores."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_daemon.errors import (
+    AwsServiceError,
+    LeaseLostError,
+    LeaseTakenError,
+    ResourceNotFoundError,
+)
+from cloud_daemon.leases import (
+    DynamoLeaseStore,
+    LeaseStore,
+    MemoryLeaseStore,
+    SqliteLeaseStore,
+    create_lease_table,
+)
+from tests.adapters import kinesis_fixtures as kf
+
+NOW = 1_800_000_000.0
+BIG = 2**127 + 12345  # Kinesis sequence numbers exceed 64 bits and DynamoDB's 38 digits
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    with kf.moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+async def dynamodb(moto_url: str) -> AsyncIterator[Any]:
+    async with kf.aws_client("dynamodb", moto_url) as client:
+        yield client
+
+
+@pytest.fixture(params=["memory", "sqlite", "dynamodb"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LeaseStore]:
+    if request.param == "memory":
+        yield MemoryLeaseStore()
+    elif request.param == "sqlite":
+        async with SqliteLeaseStore(tmp_path / "leases.sqlite3") as sqlite:
+            yield sqlite
+    else:
+        url = request.getfixturevalue("moto_url")  # a sync fixture: safe to ask for here
+        async with kf.aws_client("dynamodb", url) as client:
+            table = kf.unique_name("leases")
+            await create_lease_table(client, table)
+            yield DynamoLeaseStore(client, table)
+
+
+async def test_acquire_creates_a_row_once(store: LeaseStore) -> None:
+    lease = await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+    assert (lease.owner, lease.counter, lease.expires_at, lease.checkpoint) == (
+        "a",
+        1,
+        NOW + 10,
+        None,
+    )
+    with pytest.raises(LeaseTakenError) as caught:
+        await store.acquire("s0", owner="b", expected_counter=None, now=NOW, duration=10)
+    assert caught.value.shard_id == "s0"
+    assert caught.value.owner == "b"
+    assert (await store.list_leases())["s0"].owner == "a"
+
+
+async def test_acquire_is_conditional_on_the_counter_seen(store: LeaseStore) -> None:
+    first = await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+    await store.checkpoint("s0", owner="a", sequence=BIG)
+    with pytest.raises(LeaseTakenError):
+        await store.acquire(
+            "s0", owner="b", expected_counter=first.counter - 1, now=NOW, duration=5
+        )
+    taken = await store.acquire(
+        "s0", owner="b", expected_counter=first.counter, now=NOW + 20, duration=5
+    )
+    assert (taken.owner, taken.counter, taken.expires_at) == ("b", first.counter + 1, NOW + 25)
+    assert taken.checkpoint == BIG  # a takeover resumes from the last checkpoint
+
+
+async def test_renew_extends_only_for_the_owner(store: LeaseStore) -> None:
+    await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+    renewed = await store.renew("s0", owner="a", now=NOW + 5, duration=10)
+    assert (renewed.counter, renewed.expires_at) == (2, NOW + 15)
+    with pytest.raises(LeaseLostError):
+        await store.renew("s0", owner="b", now=NOW + 5, duration=10)
+    with pytest.raises(LeaseLostError):
+        await store.renew("missing", owner="a", now=NOW, duration=10)
+
+
+async def test_checkpoint_only_by_the_owner_and_as_an_integer(store: LeaseStore) -> None:
+    await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+    assert await store.get_checkpoint("s0") is None
+    await store.checkpoint("s0", owner="a", sequence=9)
+    await store.checkpoint("s0", owner="a", sequence=BIG)
+    with pytest.raises(LeaseLostError):
+        await store.checkpoint("s0", owner="b", sequence=BIG + 1)
+    assert await store.get_checkpoint("s0") == BIG
+    assert await store.get_checkpoint("missing") is None
+
+
+async def test_release_frees_the_lease_for_another_worker(store: LeaseStore) -> None:
+    await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+    await store.checkpoint("s0", owner="a", sequence=41)
+    await store.release("s0", owner="a")
+    row = (await store.list_leases())["s0"]
+    assert row.owner is None
+    assert row.is_available(NOW)
+    with pytest.raises(LeaseLostError):
+        await store.release("s0", owner="a")
+    taken = await store.acquire("s0", owner="b", expected_counter=row.counter, now=NOW, duration=10)
+    assert taken.checkpoint == 41
+
+
+async def test_a_finished_shard_cannot_be_taken_again(store: LeaseStore) -> None:
+    await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+    await store.checkpoint("s0", owner="a", sequence=7)
+    await store.mark_finished("s0", owner="a")
+    row = (await store.list_leases())["s0"]
+    assert (row.finished, row.owner, row.checkpoint) == (True, None, 7)
+    with pytest.raises(LeaseTakenError):
+        await store.acquire("s0", owner="b", expected_counter=row.counter, now=NOW, duration=10)
+    with pytest.raises(LeaseLostError):
+        await store.mark_finished("s0", owner="a")
+
+
+async def test_of_many_racing_takers_exactly_one_wins(store: LeaseStore) -> None:
+    await store.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=1)
+    seen = (await store.list_leases())["s0"].counter
+
+    async def take(worker: str) -> str | None:
+        try:
+            await store.acquire("s0", owner=worker, expected_counter=seen, now=NOW + 5, duration=9)
+        except LeaseTakenError:
+            return None
+        return worker
+
+    winners = [w for w in await asyncio.gather(*(take(f"w{i}") for i in range(8))) if w]
+    assert len(winners) == 1
+    assert (await store.list_leases())["s0"].owner == winners[0]
+
+
+async def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite3"
+    async with SqliteLeaseStore(path) as first:
+        await first.acquire("s0", owner="a", expected_counter=None, now=NOW, duration=10)
+        await first.checkpoint("s0", owner="a", sequence=BIG)
+    async with SqliteLeaseStore(path) as second:
+        assert await second.get_checkpoint("s0") == BIG
+
+
+async def test_sqlite_store_refuses_use_outside_its_context(tmp_path: Path) -> None:
+    store = SqliteLeaseStore(tmp_path / "x.sqlite3")
+    with pytest.raises(RuntimeError):
+        await store.list_leases()
+
+
+async def test_dynamo_store_translates_a_missing_table(dynamodb: Any) -> None:
+    store = DynamoLeaseStore(dynamodb, kf.unique_name("absent"))
+    with pytest.raises(ResourceNotFoundError) as caught:
+        await store.list_leases()
+    assert caught.value.operation == "Scan"
+    assert isinstance(caught.value.__cause__, Exception)
+
+
+async def test_dynamo_table_creation_refuses_a_duplicate(dynamodb: Any) -> None:
+    table = kf.unique_name("dup")
+    await create_lease_table(dynamodb, table)
+    with pytest.raises(AwsServiceError) as caught:
+        await create_lease_table(dynamodb, table)
+    assert caught.value.code == "ResourceInUseException"
+
+
+async def test_dynamo_store_lists_many_leases(dynamodb: Any) -> None:
+    table = kf.unique_name("many")
+    await create_lease_table(dynamodb, table)
+    store = DynamoLeaseStore(dynamodb, table)
+    for i in range(30):
+        await store.acquire(f"s{i:02}", owner="a", expected_counter=None, now=NOW, duration=10)
+    assert sorted(await store.list_leases()) == [f"s{i:02}" for i in range(30)]
