@@ -366,7 +366,8 @@ def _read_secret_file(path_text: str, source: str) -> Secret:
     if not path_text:
         raise ConfigError(source, "secret file path is empty")
     try:
-        text = Path(path_text).read_text(encoding="utf-8")
+        # Bytes, not text mode: universal newlines would rewrite a "\r" inside the secret.
+        text = Path(path_text).read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(
             source, f"cannot read secret file {path_text}: {exc.strerror or exc}"
