@@ -13,9 +13,10 @@ encodes the result once as unpadded base64url (the *stream*), and cuts the strea
 of equal length (the last one may be shorter). Every header repeats the transfer id, the
 sender's sequence number, the fragment's index, the fragment count, and a *tag*: the first 8
 characters of the base64url digest. The full digest therefore costs 43 characters once per
-transfer instead of once per fragment (a 1.3 KB certificate takes 8 fragments instead of 10),
-while the 48-bit tag in every header lets a receiver tell two payloads sent under the same
-transfer id apart at the first fragment, long before the digest can be checked.
+transfer instead of once per fragment (a 1.3 KB certificate under a short transfer id takes
+8 fragments instead of 9), while the 48-bit tag in every header lets a receiver tell apart
+two payloads sent under the same transfer id at the first fragment, long before the digest can
+be checked.
 
 The receiver (:class:`Reassembler`) is a pure, synchronous object: fragment text in, a typed
 outcome out, the current time passed in as ``now``. It keys transfers by ``(source,
@@ -553,8 +554,8 @@ class Reassembler:
     def receive(self, text: str, *, now: float, source: str = "") -> Outcome:
         """Take one fragment's wire text.
 
-        Expired transfers are dropped first (reported in the outcome's ``dropped``; if the
-        call raises, they are dropped all the same, unreported).
+        Once the text parses, expired transfers are dropped first (reported in the outcome's
+        ``dropped``; should the call then raise, they stay dropped, unreported).
 
         Args:
             text: the fragment as received.
@@ -574,8 +575,9 @@ class Reassembler:
         """
         if not isinstance(source, str):
             raise UsageError(f"source must be a string, got {type(source).__name__}")
-        dropped = list(self.expire(now=now))
+        # Parse before expiring, so that a malformed fragment changes nothing.
         fragment = parse_fragment(text)
+        dropped = list(self.expire(now=now))
         key = (source, fragment.transfer_id)
 
         done = self._completed.get(key)
@@ -642,12 +644,11 @@ class Reassembler:
             state = _Source(newest_seq=fragment.seq)
             self._sources[source] = state
         elif fragment.seq > state.newest_seq:
+            # Every transfer held has a seq <= the newest, so a newer one supersedes them all.
             state.newest_seq = fragment.seq
             older = [self._transfers[(source, tid)] for tid in state.active]
-            dropped.extend(
-                self._drop(t, DropReason.SUPERSEDED) for t in older if t.seq < fragment.seq
-            )
-        if len(state.active) >= limits.max_transfers_per_source:
+            dropped.extend(self._drop(t, DropReason.SUPERSEDED) for t in older)
+        elif len(state.active) >= limits.max_transfers_per_source:
             raise LimitExceededError(
                 "max_transfers_per_source", limits.max_transfers_per_source, len(state.active) + 1
             )

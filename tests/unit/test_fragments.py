@@ -585,3 +585,51 @@ def test_outcomes_dispatch_with_match() -> None:
 def test_limits_validate_when_built(kwargs: dict[str, object]) -> None:
     with pytest.raises(UsageError):
         ReassemblyLimits(**kwargs)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=700), min_size=1, max_size=8),
+    sources=st.lists(st.sampled_from(["", "SN1", "SN2"]), min_size=8, max_size=8),
+    shuffle=st.randoms(use_true_random=False),
+)
+def test_interleaved_transfers_from_several_sources(
+    payloads: list[bytes], sources: list[str], shuffle: random.Random
+) -> None:
+    # Same seq everywhere, so nothing supersedes; all eight may come from one source.
+    limits = ReassemblyLimits(max_transfers_per_source=8)
+    sent = {
+        (sources[n], f"t{n}"): (payload, split(payload, transfer_id=f"t{n}", max_chars=128))
+        for n, payload in enumerate(payloads)
+    }
+    texts = [(source, text) for (source, _), (_, frags) in sent.items() for text in frags]
+    shuffle.shuffle(texts)
+    r = Reassembler(limits=limits)
+    done: dict[tuple[str, str], bytes] = {}
+    for source, text in texts:
+        outcome = r.receive(text, now=0.0, source=source)
+        assert not outcome.dropped
+        if isinstance(outcome, Completed):
+            done[(outcome.source, outcome.transfer_id)] = outcome.payload
+    assert done == {key: payload for key, (payload, _) in sent.items()}
+
+
+def test_a_malformed_fragment_changes_nothing() -> None:
+    r = Reassembler(limits=ReassemblyLimits(transfer_ttl=60.0))
+    a = split(bytes(300), transfer_id="a")
+    r.receive(a[0], now=0.0)
+    with pytest.raises(FragmentFormatError):
+        r.receive("Z1.a.0.9.2.AAAAAAAA.QUJD", now=1000.0)
+    assert r.active == 1  # not even expired: the bad text was refused before anything else
+
+
+def test_a_newer_seq_is_not_refused_by_the_per_source_bound() -> None:
+    r = Reassembler(limits=ReassemblyLimits(max_transfers_per_source=2))
+    for name in ("a", "b"):
+        r.receive(split(bytes(300), transfer_id=name, seq=1)[0], now=0.0, source="S")
+    with pytest.raises(LimitExceededError):
+        r.receive(split(bytes(300), transfer_id="c", seq=1)[0], now=0.0, source="S")
+    outcome = r.receive(split(bytes(300), transfer_id="d", seq=2)[0], now=0.0, source="S")
+    assert isinstance(outcome, Accepted)
+    assert sorted(d.transfer_id for d in outcome.dropped) == ["a", "b"]
+    assert r.active == 1
