@@ -399,7 +399,16 @@ class DropReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Dropped:
-    """A transfer dropped before completion, and why."""
+    """A transfer dropped before completion, and why.
+
+    Attributes:
+        source: who sent it.
+        transfer_id: the transfer's id.
+        seq: the transfer's sequence number.
+        reason: expired, superseded or evicted.
+        received: how many of its fragments were held.
+        count: how many it announced.
+    """
 
     source: str
     transfer_id: str

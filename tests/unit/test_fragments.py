@@ -633,3 +633,12 @@ def test_a_newer_seq_is_not_refused_by_the_per_source_bound() -> None:
     assert isinstance(outcome, Accepted)
     assert sorted(d.transfer_id for d in outcome.dropped) == ["a", "b"]
     assert r.active == 1
+
+
+def test_max_payload_bytes_is_inclusive() -> None:
+    limits = ReassemblyLimits(max_payload_bytes=1000)
+    outcomes = _feed(Reassembler(limits=limits), list(split(bytes(1000), transfer_id="t")))
+    assert isinstance(outcomes[-1], Completed)
+    with pytest.raises(LimitExceededError) as caught:
+        _feed(Reassembler(limits=limits), list(split(bytes(1001), transfer_id="t")))
+    assert (caught.value.limit, caught.value.actual) == (1000, 1001)
