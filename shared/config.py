@@ -50,7 +50,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -138,7 +138,8 @@ class _Section:
     env: str  # env prefix of the section's fields, without trailing underscore
     schema: type[Any]
     leaves: tuple[_Leaf, ...]
-    sections: tuple[tuple[str, _Section, bool], ...]  # (field name, section, has default)
+    # (field name, section, a maker of the field's default instance or None when required)
+    sections: tuple[tuple[str, _Section, Callable[[], Any] | None], ...]
 
 
 _TYPE_NAMES: Final[Mapping[Any, str]] = {
@@ -207,6 +208,15 @@ def _check_supported(tp: Any, key: str) -> None:
     raise UsageError(f"configuration field {key!r}: unsupported type {tp!r}")
 
 
+def _default_maker(fld: dataclasses.Field[Any]) -> Callable[[], Any] | None:
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory
+    if fld.default is not dataclasses.MISSING:
+        default = fld.default
+        return lambda: default
+    return None
+
+
 def _build_section(schema: type[Any], *, key: str, env: str, seen_env: dict[str, str]) -> _Section:
     if not dataclasses.is_dataclass(schema) or not isinstance(schema, type):
         raise UsageError(f"configuration schema {schema!r} is not a dataclass type")
@@ -214,7 +224,7 @@ def _build_section(schema: type[Any], *, key: str, env: str, seen_env: dict[str,
         raise UsageError(f"configuration schema {schema.__name__} must be a frozen dataclass")
     hints = typing.get_type_hints(schema)
     leaves: list[_Leaf] = []
-    sections: list[tuple[str, _Section, bool]] = []
+    sections: list[tuple[str, _Section, Callable[[], Any] | None]] = []
     for fld in dataclasses.fields(schema):
         if not fld.init:
             continue
@@ -228,7 +238,7 @@ def _build_section(schema: type[Any], *, key: str, env: str, seen_env: dict[str,
             if optional:
                 raise UsageError(f"configuration section {dotted!r} cannot be optional")
             sub = _build_section(tp, key=dotted, env=env_name, seen_env=seen_env)
-            sections.append((fld.name, sub, has_default))
+            sections.append((fld.name, sub, _default_maker(fld)))
             continue
         _check_supported(tp, dotted)
         names = [env_name, f"{env_name}_FILE"] if tp is Secret else [env_name]
@@ -436,35 +446,51 @@ def _resolve_leaf(
     return None, False
 
 
-def _load_section(section: _Section, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:
-    known: set[str] = set()
+def _check_keys(section: _Section, table: Mapping[str, Any]) -> None:
+    """Refuse unknown keys and non-table sections everywhere, before any value is read.
+
+    Done first so a misspelt key is reported as unknown rather than as a missing required one.
+    """
+    known = {leaf.name for leaf in section.leaves}
+    known |= {f"{leaf.name}{_FILE_SUFFIX}" for leaf in section.leaves if leaf.secret}
+    known |= {name for name, _, _ in section.sections}
+    for name in table:
+        if name not in known:
+            raise ConfigError(f"{section.key}.{name}" if section.key else name, "unknown key")
+    for name, sub, _ in section.sections:
+        sub_table = table.get(name, {})
+        if not isinstance(sub_table, dict):
+            raise ConfigError(
+                sub.key, f"expected a table, got {_describe(sub_table, secret=False)}"
+            )
+        _check_keys(sub, sub_table)
+
+
+def _load_section(
+    section: _Section, table: Mapping[str, Any], env: Mapping[str, str], base: Any | None
+) -> Any:
+    """Build one section; ``base`` is the section's default instance, when its parent has one.
+
+    A value neither file nor environment sets comes from ``base`` (so a parent's
+    ``default_factory`` that changes some fields keeps them when others are overridden), else
+    from the dataclass default; without either the key is required.
+    """
     kwargs: dict[str, Any] = {}
     for leaf in section.leaves:
-        known.add(leaf.name)
-        if leaf.secret:
-            known.add(f"{leaf.name}{_FILE_SUFFIX}")
         value, found = _resolve_leaf(leaf, table, env)
         if found:
             kwargs[leaf.name] = value
+        elif base is not None:
+            kwargs[leaf.name] = getattr(base, leaf.name)
         elif leaf.required:
             hint = f" (or {leaf.name}_file / {leaf.env}_FILE)" if leaf.secret else ""
             raise ConfigError(leaf.key, f"required: set it in the file or in {leaf.env}{hint}")
-    for name, sub, has_default in section.sections:
-        known.add(name)
-        dotted = sub.key
-        sub_table = table.get(name)
-        if sub_table is None:
-            sub_table = {}
-        elif not isinstance(sub_table, dict):
-            raise ConfigError(dotted, f"expected a table, got {_describe(sub_table, secret=False)}")
-        mentioned = bool(sub_table) or any(k.startswith(f"{sub.env}_") for k in env)
-        if has_default and not mentioned:
-            continue
-        kwargs[name] = _load_section(sub, sub_table, env)
-    for name in table:
-        if name not in known:
-            dotted = f"{section.key}.{name}" if section.key else name
-            raise ConfigError(dotted, "unknown key")
+    for name, sub, default in section.sections:
+        if base is not None:
+            sub_base = getattr(base, name)
+        else:
+            sub_base = default() if default is not None else None
+        kwargs[name] = _load_section(sub, table.get(name, {}), env, sub_base)
     try:
         return section.schema(**kwargs)
     except ConfigError:
@@ -548,5 +574,6 @@ def load_config(
             raise ConfigError(str(path), f"not valid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(str(path), "not UTF-8 text") from None
-    result: T = _load_section(root, table, env)
+    _check_keys(root, table)
+    result: T = _load_section(root, table, env, None)
     return result

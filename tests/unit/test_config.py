@@ -243,6 +243,13 @@ BAD: list[tuple[str, str | None, dict[str, str], str, str]] = [
     ("unknown top-level key", MINIMAL + "[loging]\nlevel = 1\n", {}, "loging", "unknown key"),
     ("unknown nested key", MINIMAL + "hots = 'x'\n", {}, "airvantage.hots", "unknown key"),
     (
+        "a misspelt required key is reported as unknown",
+        '[airvantage]\nusername = "SN1"\npasword = "hunter2-file"\n',
+        {},
+        "airvantage.pasword",
+        "unknown key",
+    ),
+    (
         "_file on a non-secret field",
         MINIMAL + "host_file = '/x'\n",
         {},
@@ -513,3 +520,17 @@ def test_post_init_config_error_passes_through() -> None:
 def test_defaulted_section_is_built_from_env_alone() -> None:
     config = load_config(Checked, path=None, env={"ZTP_WINDOW_HIGH": "20"}, env_prefix="ZTP")
     assert config.window == Window(low=0, high=20)
+
+
+@dataclass(frozen=True)
+class Tuned:
+    window: Window = field(default_factory=lambda: Window(low=5, high=50))
+    fixed: Window = Window(low=1, high=2)
+
+
+def test_section_default_factory_values_survive_partial_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "tuned.toml"
+    path.write_text("[fixed]\nhigh = 3\n")
+    config = load_config(Tuned, path=path, env={"ZTP_WINDOW_HIGH": "60"}, env_prefix="ZTP")
+    assert config == Tuned(window=Window(low=5, high=60), fixed=Window(low=1, high=3))
+    assert load_config(Tuned, path=None, env={}, env_prefix="ZTP") == Tuned()
