@@ -24,6 +24,10 @@ The pipeline, in order:
      Meant for syslog (``logread``) or stderr (journald).
    - ``json``: one JSON object per line, for ECS and the awslogs driver.
 
+Libraries that log through the standard library (aiomqtt, paho, botocore, asyncio) are routed
+into the same pipeline by a handler on the root logger, tagged ``logger=<name>``, so they share
+the format, the destination, the level and the redaction.
+
 Syslog goes through the standard library's :class:`logging.handlers.SysLogHandler` on a Unix
 datagram socket (``/dev/log`` by default, configurable so tests can bind their own), not the
 ``syslog`` module, whose socket path cannot be chosen. When the socket is absent, logs go to
@@ -320,17 +324,56 @@ class _SyslogWriter:
         self._emit(logging.CRITICAL, line)
 
 
-class _SyslogState:
-    """The syslog handler currently installed, so a second configure closes the first."""
+class _StdlibBridge(logging.Handler):
+    """Feeds records of stdlib-logging libraries (aiomqtt, paho, botocore, asyncio) into the
+    structlog pipeline, so they share its format, destination, level and redaction."""
 
-    handler: SysLogHandler | None = None
+    def emit(self, record: logging.LogRecord) -> None:
+        # structlog knows the five standard levels only; custom ones round down into them.
+        levelno = min(max(record.levelno // 10 * 10, logging.DEBUG), logging.CRITICAL)
+        extra: dict[str, Any] = {"logger": record.name}
+        if record.exc_info:
+            extra["exc_info"] = record.exc_info
+        try:
+            structlog.get_logger().log(levelno, record.getMessage(), **extra)
+        except Exception:  # noqa: BLE001 - logging must never raise; stdlib reports it instead
+            self.handleError(record)
+
+
+class _Installed:
+    """What the last configure installed, so the next one (or a reset) removes it first."""
+
+    syslog: SysLogHandler | None = None
+    bridge: _StdlibBridge | None = None
+    root_level: int | None = None
 
 
 def _close_syslog() -> None:
-    handler = _SyslogState.handler
-    _SyslogState.handler = None
+    handler = _Installed.syslog
+    _Installed.syslog = None
     if handler is not None:
         handler.close()
+
+
+def _remove_bridge() -> None:
+    bridge = _Installed.bridge
+    _Installed.bridge = None
+    root = logging.getLogger()
+    if bridge is not None:
+        root.removeHandler(bridge)
+    if _Installed.root_level is not None:
+        root.setLevel(_Installed.root_level)
+        _Installed.root_level = None
+
+
+def _install_bridge(level: int) -> None:
+    root = logging.getLogger()
+    _Installed.root_level = root.level
+    # The root level gates which records are even created; structlog filters again anyway.
+    root.setLevel(level)
+    bridge = _StdlibBridge(level)
+    root.addHandler(bridge)
+    _Installed.bridge = bridge
 
 
 def _open_syslog(*, address: str, ident: str, facility: int) -> _SyslogWriter:
@@ -343,8 +386,24 @@ def _open_syslog(*, address: str, ident: str, facility: int) -> _SyslogWriter:
     # The RFC 3164 tag, as syslog(3) writes it with LOG_PID; syslogd adds host and time.
     handler.ident = f"{ident}[{os.getpid()}]: "
     handler.setFormatter(logging.Formatter("%(message)s"))
-    _SyslogState.handler = handler
+    _Installed.syslog = handler
     return _SyslogWriter(handler)
+
+
+def _check_arguments(*, style: str, destination: str, level: str, ident: str) -> int:
+    """Validate configure_logging's arguments; return the numeric level."""
+    if style not in _STYLES:
+        raise UsageError(f"log style must be one of {', '.join(_STYLES)}, got {style!r}")
+    if destination not in _DESTINATIONS:
+        raise UsageError(
+            f"log destination must be one of {', '.join(_DESTINATIONS)}, got {destination!r}"
+        )
+    level_number = _LEVELS.get(level.lower())
+    if level_number is None:
+        raise UsageError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    if not ident or any(ch.isspace() for ch in ident):
+        raise UsageError(f"log ident must be a non-empty word, got {ident!r}")
+    return level_number
 
 
 def configure_logging(
@@ -358,6 +417,7 @@ def configure_logging(
     stream: TextIO | None = None,
     extra_secret_keys: Iterable[str] = (),
     cache_loggers: bool = False,
+    capture_stdlib: bool = True,
 ) -> LogDestination:
     """Configure structlog for the whole process. Safe to call again: it replaces the set-up.
 
@@ -372,6 +432,9 @@ def configure_logging(
         extra_secret_keys: key names masked in addition to :data:`DEFAULT_SECRET_KEYS`.
         cache_loggers: let structlog cache bound loggers on first use (faster; only for entry
             points that configure once, since cached loggers keep the old pipeline).
+        capture_stdlib: route records of libraries that use stdlib :mod:`logging` (aiomqtt,
+            paho, botocore, asyncio) through the same pipeline, tagged ``logger=<name>``, by a
+            handler on the root logger whose level is set to ``level``.
 
     Returns:
         The destination actually in use: ``"stderr"`` when syslog was asked for but its socket
@@ -380,19 +443,9 @@ def configure_logging(
     Raises:
         UsageError: an unknown style, destination or level, or an empty ident.
     """
-    if style not in _STYLES:
-        raise UsageError(f"log style must be one of {', '.join(_STYLES)}, got {style!r}")
-    if destination not in _DESTINATIONS:
-        raise UsageError(
-            f"log destination must be one of {', '.join(_DESTINATIONS)}, got {destination!r}"
-        )
-    level_number = _LEVELS.get(level.lower())
-    if level_number is None:
-        raise UsageError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
-    if not ident or any(ch.isspace() for ch in ident):
-        raise UsageError(f"log ident must be a non-empty word, got {ident!r}")
-
+    level_number = _check_arguments(style=style, destination=destination, level=level, ident=ident)
     _close_syslog()
+    _remove_bridge()
     actual: LogDestination = destination
     fallback_reason: str | None = None
     logger_factory: Any
@@ -436,6 +489,8 @@ def configure_logging(
         logger_factory=logger_factory,
         cache_logger_on_first_use=cache_loggers,
     )
+    if capture_stdlib:
+        _install_bridge(level_number)
     if fallback_reason is not None:
         structlog.get_logger().warning(
             "syslog socket unusable, logging to stderr",
@@ -446,6 +501,8 @@ def configure_logging(
 
 
 def reset_logging() -> None:
-    """Close the syslog handler, if any, and restore structlog's defaults (for tests)."""
+    """Undo :func:`configure_logging` (for tests): close the syslog handler, take the stdlib
+    bridge off the root logger and restore its level, restore structlog's defaults."""
     _close_syslog()
+    _remove_bridge()
     structlog.reset_defaults()

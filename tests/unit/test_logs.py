@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -267,6 +268,45 @@ def test_capture_logs_works_with_cached_loggers() -> None:
     with capture_logs() as events:
         log.warning("cached")
     assert events == [{"event": "cached", "log_level": "warning"}]
+
+
+def test_stdlib_records_go_through_the_pipeline() -> None:
+    out = io.StringIO()
+    configure_logging(style="json", destination="stderr", ident="ztp", stream=out)
+    configure_logging(style="json", destination="stderr", ident="ztp", stream=out)
+    library = logging.getLogger("paho.client")
+    library.debug("filtered out")
+    library.warning("connection lost, password=%s", "lib-NNN444")
+    try:
+        _fail("handshake")
+    except RuntimeError:
+        library.exception("reconnect failed")
+    library.log(25, "custom level")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["level"], e["event"], e["logger"]) for e in lines] == [
+        ("warning", f"connection lost, password={REDACTED}", "paho.client"),
+        ("error", "reconnect failed", "paho.client"),
+        ("info", "custom level", "paho.client"),
+    ]
+    assert "RuntimeError: handshake" in lines[1]["exception"]
+    assert "lib-NNN444" not in out.getvalue()
+
+
+def test_reset_takes_the_bridge_off_the_root_logger() -> None:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    configure_logging(style="json", destination="stderr", ident="ztp", stream=io.StringIO())
+    assert len(root.handlers) == len(handlers) + 1
+    reset_logging()
+    assert (root.level, root.handlers) == (level, handlers)
+    configure_logging(
+        style="json",
+        destination="stderr",
+        ident="ztp",
+        stream=io.StringIO(),
+        capture_stdlib=False,
+    )
+    assert root.handlers == handlers
 
 
 # --- syslog over a real Unix datagram socket -------------------------------------------------
