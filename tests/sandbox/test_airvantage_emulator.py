@@ -1,0 +1,777 @@
+"""The AirVantage emulator against real peers: mosquitto, moto over HTTP, an aiohttp client.
+
+The device is a plain aiomqtt client speaking DESIGN.md §3's shapes written out by hand here, so
+the emulator's codecs are checked against the spec rather than against themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from sandbox.airvantage import (
+    AirVantageEmulator,
+    ApplicationModel,
+    Faults,
+    OperationState,
+)
+from shared.errors import TransportError, UsageError
+from tests.sandbox.airvantage_fixtures import (
+    REGION,
+    Broker,
+    create_stream,
+    read_stream,
+    run_mosquitto,
+    run_moto,
+)
+
+CLIENT_ID = "ztp-cloud"
+CLIENT_SECRET = "cloud-secret-1"
+USER = ("ops@example.com", "user-password-1")
+WAIT = 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# Peers and helpers
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with run_mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    with run_moto() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+async def stream(moto_endpoint: str) -> str:
+    name = f"av-{uuid.uuid4().hex[:12]}"
+    await create_stream(moto_endpoint, name)
+    return name
+
+
+Factory = Callable[..., AirVantageEmulator]
+
+
+@pytest.fixture
+def make_emulator(broker: Broker, moto_endpoint: str, stream: str) -> Factory:
+    """Build an emulator on the test's peers; keyword arguments override the defaults."""
+
+    def factory(**overrides: Any) -> AirVantageEmulator:
+        options: dict[str, Any] = {
+            "broker_host": broker.host,
+            "broker_port": broker.port,
+            "admin_username": None,
+            "admin_password": None,
+            "aws_endpoint_url": moto_endpoint,
+            "region": REGION,
+            "stream_name": stream,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "model": ApplicationModel.load(),
+            "users": {USER[0]: USER[1]},
+            "redelivery_interval": None,
+            "activity_gap": 0.2,
+        }
+        options.update(overrides)
+        return AirVantageEmulator(**options)
+
+    return factory
+
+
+@pytest.fixture
+async def emulator(make_emulator: Factory) -> AsyncIterator[AirVantageEmulator]:
+    async with make_emulator() as running:
+        yield running
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def new_serial() -> str:
+    return f"SN{uuid.uuid4().hex[:10].upper()}"
+
+
+async def get_token(http: aiohttp.ClientSession, emulator: AirVantageEmulator) -> str:
+    async with http.post(
+        f"{emulator.api_url}/api/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        },
+    ) as response:
+        assert response.status == 200
+        body = await response.json()
+    token: str = body["access_token"]
+    return token
+
+
+async def api(
+    http: aiohttp.ClientSession,
+    emulator: AirVantageEmulator,
+    method: str,
+    path: str,
+    token: str | None,
+    *,
+    body: Any = None,
+    params: dict[str, str] | None = None,
+) -> tuple[int, Any, Mapping[str, str]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.request(
+        method, f"{emulator.api_url}{path}", json=body, params=params, headers=headers
+    ) as response:
+        return response.status, await response.json(), response.headers
+
+
+@contextlib.asynccontextmanager
+async def device(broker: Broker, serial: str) -> AsyncIterator[aiomqtt.Client]:
+    """A gateway on the device broker, subscribed to its tasks as DESIGN.md §3 says."""
+    async with aiomqtt.Client(broker.host, broker.port, identifier=serial, username=serial) as c:
+        await c.subscribe(f"{serial}/tasks/json", qos=1)
+        yield c
+
+
+async def next_tasks(client: aiomqtt.Client) -> list[dict[str, Any]]:
+    async with asyncio.timeout(WAIT):
+        message = await anext(aiter(client.messages))
+    assert isinstance(message.payload, bytes)
+    tasks: list[dict[str, Any]] = json.loads(message.payload)
+    return tasks
+
+
+async def ack(client: aiomqtt.Client, serial: str, acks: list[dict[str, Any]]) -> None:
+    await client.publish(f"{serial}/acks/json", json.dumps(acks), qos=1)
+
+
+async def command(
+    http: aiohttp.ClientSession,
+    emulator: AirVantageEmulator,
+    token: str,
+    uids: list[str],
+    params: dict[str, Any] | None = None,
+) -> str:
+    status, body, _ = await api(
+        http,
+        emulator,
+        "POST",
+        "/api/v1/operations/systems/command",
+        token,
+        body={"systems": {"uids": uids}, "commandId": "ztp.deliver", "parameters": params or {}},
+    )
+    assert status == 200, body
+    operation: str = body["operation"]
+    return operation
+
+
+def counters(body: dict[str, Any]) -> dict[str, int]:
+    return {c["state"]: c["count"] for c in body["counters"]}
+
+
+async def stream_envelopes(
+    emulator: AirVantageEmulator, moto_endpoint: str, stream: str, count: int
+) -> list[tuple[str, dict[str, Any]]]:
+    await emulator.wait_until(lambda: len(emulator.records_put) >= count)
+    return await read_stream(moto_endpoint, stream)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+
+
+async def test_client_credentials_grant_in_form_and_basic_auth(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    url = f"{emulator.api_url}/api/oauth/token"
+    basic_credentials = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    async with http.post(
+        url,
+        data={"grant_type": "client_credentials"},
+        params={"company": "c0ffee"},
+        headers={"Authorization": f"Basic {basic_credentials}"},
+    ) as response:
+        assert response.status == 200
+        basic = await response.json()
+    assert basic["token_type"] == "bearer"
+    assert basic["expires_in"] == 86400
+    form_token = await get_token(http, emulator)
+    for token in (basic["access_token"], form_token):
+        status, body, _ = await api(http, emulator, "GET", "/api/v1/systems", token)
+        assert status == 200
+        assert body["items"] == []
+
+
+async def test_password_grant_and_bad_credentials(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    url = f"{emulator.api_url}/api/oauth/token"
+    good = {
+        "grant_type": "password",
+        "username": USER[0],
+        "password": USER[1],
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+    }
+    async with http.post(url, data=good) as response:
+        assert response.status == 200
+        assert (await response.json())["access_token"]
+    cases = [
+        ({**good, "password": "wrong"}, 401, "invalid_grant"),
+        ({**good, "username": "nobody"}, 401, "invalid_grant"),
+        ({**good, "client_secret": "wrong"}, 401, "invalid_client"),
+        ({**good, "grant_type": "client_credentials", "client_id": "other"}, 401, "invalid_client"),
+        ({**good, "grant_type": "implicit"}, 400, "unsupported_grant_type"),
+        ({k: v for k, v in good.items() if k != "grant_type"}, 400, "invalid_request"),
+    ]
+    for data, status, code in cases:
+        async with http.post(url, data=data) as response:
+            assert response.status == status, code
+            body = await response.json()
+        assert body["error"] == code
+        assert isinstance(body["errorParameters"], list)
+        # The refused secret never comes back.
+        assert "wrong" not in json.dumps(body)
+
+
+async def test_missing_or_unknown_token_is_401(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    for token in (None, "not-a-token"):
+        status, body, headers = await api(http, emulator, "GET", "/api/v1/systems", token)
+        assert status == 401
+        assert body == {"error": "invalid_token", "errorParameters": []}
+        assert "Bearer" in headers["WWW-Authenticate"]
+
+
+async def test_token_expires_after_its_lifetime(
+    make_emulator: Factory, http: aiohttp.ClientSession
+) -> None:
+    now = [1_000_000.0]
+    async with make_emulator(token_lifetime=60, clock=lambda: now[0]) as emulator:
+        token = await get_token(http, emulator)
+        now[0] += 59
+        assert (await api(http, emulator, "GET", "/api/v1/systems", token))[0] == 200
+        now[0] += 1
+        status, body, _ = await api(http, emulator, "GET", "/api/v1/systems", token)
+        assert status == 401
+        assert body["error"] == "invalid_token"
+
+
+# --------------------------------------------------------------------------------------------
+# Systems and operations
+
+
+async def test_systems_lookup_by_serial(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    serial, other = new_serial(), new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    await emulator.register_system(other, "device-password")
+    token = await get_token(http, emulator)
+    params = {"gateway": f"serialNumber:{serial}", "fields": "uid"}
+    status, body, _ = await api(http, emulator, "GET", "/api/v1/systems", token, params=params)
+    assert status == 200
+    assert body["items"] == [{"uid": uid}]
+    params = {"gateway": "serialNumber:NOPE"}
+    status, body, _ = await api(http, emulator, "GET", "/api/v1/systems", token, params=params)
+    assert (status, body["items"]) == (200, [])
+    status, body, _ = await api(
+        http, emulator, "GET", "/api/v1/systems", token, params={"gateway": "imsi:1"}
+    )
+    assert status == 400
+    assert body == {"error": "request.invalid", "errorParameters": ["gateway"]}
+
+
+async def test_register_system_calls_back_and_validates(make_emulator: Factory) -> None:
+    accounts: list[tuple[str, str]] = []
+
+    async def on_register(serial: str, password: str) -> None:
+        accounts.append((serial, password))
+
+    async with make_emulator(on_register=on_register) as emulator:
+        serial = new_serial()
+        uid = await emulator.register_system(serial, "pw-1")
+        assert accounts == [(serial, "pw-1")]
+        assert emulator.system_uid(serial) == uid
+        with pytest.raises(UsageError, match="already registered"):
+            await emulator.register_system(serial, "pw-2")
+        for bad_serial in ("", "a/b", "a+b", "a#", "x" * 65):
+            with pytest.raises(UsageError):
+                await emulator.register_system(bad_serial, "pw")
+        with pytest.raises(UsageError):
+            await emulator.register_system(new_serial(), "p" * 256)
+        assert len(accounts) == 1
+
+
+async def test_command_round_trip_success(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    async with device(broker, serial) as gateway:
+        before = int(time.time() * 1000)
+        operation = await command(http, emulator, token, [uid], {"fragment": "ztp1:abc", "n": 1})
+        [task] = await next_tasks(gateway)
+        assert set(task) == {"uid", "timestamp", "command"}
+        assert task["command"] == {"id": "ztp.deliver", "params": {"fragment": "ztp1:abc", "n": 1}}
+        assert isinstance(task["timestamp"], int)
+        assert task["timestamp"] >= before - 1000
+        path = f"/api/v1/operations/{operation}"
+        status, body, _ = await api(http, emulator, "GET", path, token)
+        assert status == 200
+        assert body["state"] == "IN_PROGRESS"
+        assert counters(body)["IN_PROGRESS"] == 1
+        assert counters(body)["SUCCESS"] == 0
+        await ack(gateway, serial, [{"uid": task["uid"], "status": "OK"}])
+        await emulator.wait_until(
+            lambda: emulator.operation(operation).state is OperationState.FINISHED
+        )
+    status, body, _ = await api(http, emulator, "GET", path, token)
+    assert body["state"] == "FINISHED"
+    assert counters(body) == {"PENDING": 0, "IN_PROGRESS": 0, "SUCCESS": 1, "FAILURE": 0}
+    assert [(a.serial, a.uid, a.status) for a in emulator.acks_seen] == [
+        (serial, task["uid"], "OK")
+    ]
+
+
+async def test_error_ack_counts_as_failure_and_first_ack_wins(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    async with device(broker, serial) as gateway:
+        operation = await command(http, emulator, token, [uid])
+        [task] = await next_tasks(gateway)
+        await ack(gateway, serial, [{"uid": task["uid"], "status": "ERROR", "message": "bad"}])
+        await ack(gateway, serial, [{"uid": task["uid"], "status": "OK"}])
+        await emulator.wait_until(lambda: len(emulator.acks_seen) == 2)
+    status, body, _ = await api(http, emulator, "GET", f"/api/v1/operations/{operation}", token)
+    assert (status, body["state"]) == (200, "FINISHED")
+    assert counters(body)["FAILURE"] == 1
+    assert counters(body)["SUCCESS"] == 0
+
+
+async def test_operation_errors_in_airvantage_shape(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    uid = await emulator.register_system(new_serial(), "device-password")
+    token = await get_token(http, emulator)
+    cases = [
+        ({"systems": {"uids": [uid]}, "commandId": "ztp.reboot"}, "command.unknown", "ztp.reboot"),
+        ({"systems": {"uids": ["f" * 32]}, "commandId": "ztp.deliver"}, "system.not.found", None),
+        ({"systems": {}, "commandId": "ztp.deliver"}, "request.invalid", "systems.uids"),
+        ({"systems": {"uids": [uid]}, "commandId": "ztp.deliver", "parameters": {"a": [1]}},
+         "request.invalid", "parameters"),
+    ]  # fmt: skip
+    for body, code, parameter in cases:
+        status, answer, _ = await api(
+            http, emulator, "POST", "/api/v1/operations/systems/command", token, body=body
+        )
+        assert status == 400
+        assert answer["error"] == code
+        assert answer["errorParameters"] == [parameter or "f" * 32]
+    status, answer, _ = await api(http, emulator, "GET", "/api/v1/operations/nope", token)
+    assert (status, answer) == (404, {"error": "operation.not.found", "errorParameters": ["nope"]})
+    assert emulator.operations() == []
+
+
+async def test_command_parameters_checked_when_the_model_declares_them(
+    make_emulator: Factory, http: aiohttp.ClientSession
+) -> None:
+    model = ApplicationModel.from_json(
+        {"type": "t", "commands": [{"id": "ztp.deliver", "parameters": ["fragment"]}]}
+    )
+    async with make_emulator(model=model) as emulator:
+        uid = await emulator.register_system(new_serial(), "device-password")
+        token = await get_token(http, emulator)
+        body = {"systems": {"uids": [uid]}, "commandId": "ztp.deliver", "parameters": {"x": 1}}
+        status, answer, _ = await api(
+            http, emulator, "POST", "/api/v1/operations/systems/command", token, body=body
+        )
+        assert (status, answer["error"], answer["errorParameters"]) == (
+            400,
+            "command.parameter.unknown",
+            ["x"],
+        )
+
+
+async def test_settings_operation_becomes_a_settings_task(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    settings = [{"key": "/ztp/ztp/endpoint", "value": "a1.iot.example"}]
+    async with device(broker, serial) as gateway:
+        status, body, _ = await api(
+            http,
+            emulator,
+            "POST",
+            "/api/v1/operations/systems/settings",
+            token,
+            body={"systems": {"uids": [uid]}, "settings": settings, "reboot": False},
+        )
+        assert status == 200
+        [task] = await next_tasks(gateway)
+        assert set(task) == {"uid", "timestamp", "settings"}
+        assert task["settings"] == settings
+        await ack(gateway, serial, [{"uid": task["uid"], "status": "OK"}])
+        await emulator.wait_until(
+            lambda: emulator.operation(body["operation"]).counters["SUCCESS"] == 1
+        )
+    status, answer, _ = await api(
+        http,
+        emulator,
+        "POST",
+        "/api/v1/operations/systems/settings",
+        token,
+        body={"systems": {"uids": [uid]}, "settings": [{"key": "/ztp/ztp/cert9", "value": "x"}]},
+    )
+    assert (status, answer["error"], answer["errorParameters"]) == (
+        400,
+        "setting.unknown",
+        ["/ztp/ztp/cert9"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Redelivery
+
+
+async def test_pending_task_redelivered_when_device_comes_back(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    async with device(broker, serial) as gateway:
+        await gateway.publish(f"{serial}/messages/json", json.dumps({"ztp.status": "up"}), qos=1)
+        await emulator.wait_until(lambda: len(emulator.records_put) == 1)
+        operation = await command(http, emulator, token, [uid])
+        [first] = await next_tasks(gateway)
+    # Gone without acking; back after a gap, re-subscribed, and it speaks first.
+    await asyncio.sleep(0.3)
+    async with device(broker, serial) as gateway:
+        await gateway.publish(f"{serial}/messages/json", json.dumps({"ztp.status": "up"}), qos=1)
+        [again] = await next_tasks(gateway)
+        assert again == first
+        await ack(gateway, serial, [{"uid": again["uid"], "status": "OK"}])
+        await emulator.wait_until(
+            lambda: emulator.operation(operation).state is OperationState.FINISHED
+        )
+    assert [p.task_uid for p in emulator.tasks_published] == [first["uid"]] * 2
+
+
+async def test_unacked_task_redelivered_on_timer_until_acked(
+    make_emulator: Factory, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    async with make_emulator(redelivery_interval=0.2) as emulator:
+        serial = new_serial()
+        uid = await emulator.register_system(serial, "device-password")
+        token = await get_token(http, emulator)
+        async with device(broker, serial) as gateway:
+            operation = await command(http, emulator, token, [uid])
+            first = await next_tasks(gateway)
+            second = await next_tasks(gateway)
+            assert first == second
+            await ack(gateway, serial, [{"uid": first[0]["uid"], "status": "OK"}])
+            await emulator.wait_until(
+                lambda: emulator.operation(operation).state is OperationState.FINISHED
+            )
+            sent = len(emulator.tasks_published)
+            await asyncio.sleep(0.5)
+            assert len(emulator.tasks_published) == sent
+
+
+# --------------------------------------------------------------------------------------------
+# Kinesis connector
+
+
+async def test_each_data_shape_reaches_kinesis_nested_undeclared_dropped(
+    emulator: AirVantageEmulator, broker: Broker, moto_endpoint: str, stream: str
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    shapes = [
+        {"ztp.csr": "CSR-A", "other.path": "dropped"},
+        {"1349907137000": {"ztp.csr": "CSR-B", "ztp.nope": 1}},
+        [{"ztp.csr": [{"timestamp": 1416324560869, "value": "CSR-C"}]}],
+        {"undeclared.only": "nothing left"},
+    ]
+    before = int(time.time() * 1000)
+    async with device(broker, serial) as gateway:
+        for shape in shapes:
+            await gateway.publish(f"{serial}/messages/json", json.dumps(shape), qos=1)
+        records = await stream_envelopes(emulator, moto_endpoint, stream, 3)
+    assert [key for key, _ in records] == [uid] * 3
+    for _, envelope in records:
+        assert envelope["name"] == "event.system.incoming.communication"
+        assert envelope["date"] >= before - 1000
+        content = envelope["content"]
+        assert content["system.id"] == uid
+        assert content["communication.id"] == serial
+        assert len(content["message.id"]) == 32
+    data = [
+        {k: v for k, v in envelope["content"].items() if k[0].isdigit()} for _, envelope in records
+    ]
+    [stamped] = data[0]
+    assert int(stamped) >= before - 1000
+    assert data[0][stamped] == {"ztp.csr": "CSR-A"}
+    assert data[1] == {"1349907137000": {"ztp.csr": "CSR-B"}}
+    assert data[2] == {"1416324560869": {"ztp.csr": "CSR-C"}}
+    assert len({envelope["content"]["message.id"] for _, envelope in records}) == 3
+
+
+async def test_flat_envelopes_and_unknown_senders(
+    make_emulator: Factory, broker: Broker, moto_endpoint: str, stream: str
+) -> None:
+    async with make_emulator(envelope_style="flat") as emulator:
+        serial = new_serial()
+        uid = await emulator.register_system(serial, "device-password")
+        async with device(broker, serial) as gateway:
+            stranger = new_serial()
+            await gateway.publish(f"{stranger}/messages/json", '{"ztp.csr": "x"}', qos=1)
+            await gateway.publish(f"{serial}/messages/json", b"{not json", qos=1)
+            await gateway.publish(f"{serial}/acks/json", '{"uid": "x"}', qos=1)
+            series = [
+                {
+                    "ztp.csr": [
+                        {"timestamp": 2, "value": "late"},
+                        {"timestamp": 1, "value": "early"},
+                    ],
+                    "ztp.status": [{"timestamp": 1, "value": "requested"}],
+                }
+            ]
+            await gateway.publish(f"{serial}/messages/json", json.dumps(series), qos=1)
+            records = await stream_envelopes(emulator, moto_endpoint, stream, 2)
+        contents = [
+            {k: v for k, v in envelope["content"].items() if "." in k and not k[0].isdigit()}
+            for _, envelope in records
+        ]
+        assert [c["ztp.csr"] for c in contents] == ["early", "late"]
+        assert contents[0]["ztp.status"] == "requested"
+        assert all(key == uid for key, _ in records)
+        reasons = dict(emulator.rejected)
+        assert reasons[f"{stranger}/messages/json"] == "unknown system"
+        assert "JSON" in reasons[f"{serial}/messages/json"]
+        assert "a list" in reasons[f"{serial}/acks/json"]
+
+
+async def test_operation_state_changes_reach_kinesis_when_enabled(
+    make_emulator: Factory,
+    http: aiohttp.ClientSession,
+    broker: Broker,
+    moto_endpoint: str,
+    stream: str,
+) -> None:
+    async with make_emulator(operation_events=True) as emulator:
+        serial = new_serial()
+        uid = await emulator.register_system(serial, "device-password")
+        token = await get_token(http, emulator)
+        async with device(broker, serial) as gateway:
+            operation = await command(http, emulator, token, [uid])
+            [task] = await next_tasks(gateway)
+            await ack(gateway, serial, [{"uid": task["uid"], "status": "OK"}])
+            records = await stream_envelopes(emulator, moto_endpoint, stream, 2)
+    assert [(key, envelope["name"]) for key, envelope in records] == [
+        (operation, "event.operation.state.change")
+    ] * 2
+    assert [r["content"]["operation.state.new"] for _, r in records] == [
+        "IN_PROGRESS",
+        "FINISHED",
+    ]
+    assert {"state": "SUCCESS", "count": 1} in records[1][1]["content"]["operation.counters"]
+
+
+# --------------------------------------------------------------------------------------------
+# Fault knobs
+
+
+async def test_rate_limit_and_server_error_faults(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    token = await get_token(http, emulator)
+    emulator.faults.update({"rate_limit_next": 2, "retry_after": 7})
+    for _ in range(2):
+        status, body, headers = await api(http, emulator, "GET", "/api/v1/systems", token)
+        assert (status, body["error"], headers["Retry-After"]) == (429, "too.many.requests", "7")
+    assert (await api(http, emulator, "GET", "/api/v1/systems", token))[0] == 200
+    async with http.post(
+        f"{emulator.api_url}/_emulator/faults",
+        json={"server_error_next": 1, "server_error_status": 502},
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["server_error_next"] == 1
+    status, body, _ = await api(http, emulator, "GET", "/api/v1/systems", token)
+    assert (status, body["error"]) == (502, "service.unavailable")
+    assert (await api(http, emulator, "GET", "/api/v1/systems", token))[0] == 200
+    # The token route is behind the same faults.
+    emulator.faults.update({"server_error_next": 1, "server_error_status": 500})
+    async with http.post(f"{emulator.api_url}/api/oauth/token", data={}) as response:
+        assert response.status == 500
+
+
+async def test_latency_fault(emulator: AirVantageEmulator, http: aiohttp.ClientSession) -> None:
+    token = await get_token(http, emulator)
+    emulator.faults.latency = 0.3
+    started = time.monotonic()
+    assert (await api(http, emulator, "GET", "/api/v1/systems", token))[0] == 200
+    assert time.monotonic() - started >= 0.3
+    emulator.faults.latency = 0.0
+    started = time.monotonic()
+    assert (await api(http, emulator, "GET", "/api/v1/systems", token))[0] == 200
+    assert time.monotonic() - started < 0.3
+
+
+async def test_expire_tokens_fault_through_control_route(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    token = await get_token(http, emulator)
+    async with http.post(
+        f"{emulator.api_url}/_emulator/faults", json={"expire_tokens": True}
+    ) as response:
+        assert response.status == 200
+    assert (await api(http, emulator, "GET", "/api/v1/systems", token))[0] == 401
+    fresh = await get_token(http, emulator)
+    assert (await api(http, emulator, "GET", "/api/v1/systems", fresh))[0] == 200
+
+
+async def test_control_route_refuses_bad_knobs(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    for change in ({"no_such_knob": 1}, {"rate_limit_next": -1}, {"server_error_status": 404}):
+        async with http.post(f"{emulator.api_url}/_emulator/faults", json=change) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "request.invalid"
+    assert emulator.faults == Faults()
+
+
+async def test_duplicated_task_delivery(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    emulator.faults.duplicate_tasks = 1
+    async with device(broker, serial) as gateway:
+        await command(http, emulator, token, [uid])
+        first = await next_tasks(gateway)
+        second = await next_tasks(gateway)
+        assert first == second
+        await command(http, emulator, token, [uid])
+        third = await next_tasks(gateway)
+        assert third[0]["uid"] != first[0]["uid"]
+    assert emulator.faults.duplicate_tasks == 0
+
+
+async def test_reordered_task_delivery_across_operations(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    emulator.faults.reorder_tasks = 3
+    async with device(broker, serial) as gateway:
+        operations = [await command(http, emulator, token, [uid], {"i": i}) for i in range(2)]
+        # Held tasks are not yet delivered: the operations are still SCHEDULED.
+        status, body, _ = await api(
+            http, emulator, "GET", f"/api/v1/operations/{operations[0]}", token
+        )
+        assert (status, body["state"]) == (200, "SCHEDULED")
+        assert counters(body)["PENDING"] == 1
+        operations.append(await command(http, emulator, token, [uid], {"i": 2}))
+        received = [(await next_tasks(gateway))[0]["command"]["params"]["i"] for _ in range(3)]
+    assert received == [2, 1, 0]
+
+
+async def test_release_held_tasks(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    token = await get_token(http, emulator)
+    emulator.faults.reorder_tasks = 5
+    async with device(broker, serial) as gateway:
+        for i in range(2):
+            await command(http, emulator, token, [uid], {"i": i})
+        async with http.post(
+            f"{emulator.api_url}/_emulator/faults", json={"release_held_tasks": True}
+        ) as response:
+            assert (await response.json())["reorder_tasks"] == 0
+        received = [(await next_tasks(gateway))[0]["command"]["params"]["i"] for _ in range(2)]
+    assert received == [1, 0]
+
+
+async def test_duplicated_connector_records(
+    emulator: AirVantageEmulator, broker: Broker, moto_endpoint: str, stream: str
+) -> None:
+    serial = new_serial()
+    await emulator.register_system(serial, "device-password")
+    emulator.faults.duplicate_records = 1
+    async with device(broker, serial) as gateway:
+        for csr in ("one", "two"):
+            await gateway.publish(f"{serial}/messages/json", json.dumps({"ztp.csr": csr}), qos=1)
+        records = await stream_envelopes(emulator, moto_endpoint, stream, 3)
+    assert records[0] == records[1]
+    csrs = [
+        next(v for k, v in r["content"].items() if k[0].isdigit())["ztp.csr"] for _, r in records
+    ]
+    assert csrs == ["one", "one", "two"]
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle
+
+
+async def test_shutdown_cancels_named_tasks(make_emulator: Factory) -> None:
+    emulator = make_emulator(redelivery_interval=1.0)
+    async with emulator:
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        assert {
+            "airvantage-emulator.mqtt",
+            "airvantage-emulator.connector",
+            "airvantage-emulator.redelivery",
+            "airvantage-emulator.mqtt-publish",
+        } <= names
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert not any(name.startswith("airvantage-emulator") for name in names)
+    with pytest.raises(UsageError):
+        _ = emulator.api_url
+
+
+async def test_unreachable_broker_fails_entry(make_emulator: Factory, tmp_path: Path) -> None:
+    with socket_bound() as port:
+        emulator = make_emulator(broker_port=port, connect_timeout=0.5)
+        with pytest.raises(TransportError, match="not reachable"):
+            async with emulator:
+                pass
+
+
+@contextlib.contextmanager
+def socket_bound() -> Iterator[int]:
+    """A port that is bound but not listening: connections to it are refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
