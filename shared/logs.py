@@ -116,6 +116,7 @@ _DESTINATIONS: Final = ("stderr", "stdout", "syslog")
 _FIRST_KEYS: Final = ("timestamp", "level", "event")
 # Deeper nesting than this in a log event is a bug; masking the rest also stops a cycle.
 _MAX_DEPTH: Final = 16
+_KEY_CACHE_SIZE: Final = 4096
 _CAMEL_BOUNDARY: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NON_WORD: Final = re.compile(r"[^a-z0-9]+")
 
@@ -147,7 +148,7 @@ class SecretRedactor:
     are turned into their ``str()`` and scrubbed, since a renderer would print that text anyway.
     """
 
-    __slots__ = ("_assignment", "_keys", "_mask")
+    __slots__ = ("_assignment", "_key_cache", "_keys", "_mask", "_triggers")
 
     def __init__(
         self, *, secret_keys: Iterable[str] = DEFAULT_SECRET_KEYS, mask: str = REDACTED
@@ -156,7 +157,11 @@ class SecretRedactor:
         if not keys:
             raise UsageError("SecretRedactor needs at least one secret key name")
         self._keys = tuple(f"_{k}_" for k in keys)
+        self._key_cache: dict[str, bool] = {}
         self._mask = mask
+        # Every pattern below needs one of these words; most strings hold none of them, and a
+        # few substring tests are far cheaper than the regular expressions.
+        self._triggers = (*keys, "private key", "bearer", "basic", "authorization")
         alternation = "|".join(re.escape(k) for k in keys)
         # ``password=hunter2``, ``"client_secret": "x"``, ``db_password: x`` inside free text;
         # a value already masked (by the Authorization rule) is left alone.
@@ -174,8 +179,15 @@ class SecretRedactor:
         Returns:
             ``True`` when the key names a secret.
         """
-        wrapped = f"_{_normalise_key(str(key))}_"
-        return any(name in wrapped for name in self._keys)
+        text = str(key)
+        known = self._key_cache.get(text)
+        if known is None:
+            wrapped = f"_{_normalise_key(text)}_"
+            known = any(name in wrapped for name in self._keys)
+            # Keys come from code, so they are few; the bound only guards against data as keys.
+            if len(self._key_cache) < _KEY_CACHE_SIZE:
+                self._key_cache[text] = known
+        return known
 
     def scrub(self, text: str) -> str:
         """Mask secret-looking fragments inside free text.
@@ -187,6 +199,9 @@ class SecretRedactor:
             The text with PEM private key blocks, ``Bearer``/``Basic`` credentials,
             ``Authorization`` header values and ``<secret key>=<value>`` assignments masked.
         """
+        lowered = text.lower()
+        if not any(trigger in lowered for trigger in self._triggers):
+            return text
         text = _PEM_PRIVATE_KEY.sub(self._mask, text)
         text = _BEARER.sub(lambda m: f"{m.group(1)} {self._mask}", text)
         text = _AUTHORIZATION.sub(lambda m: f"{m.group(1)}{self._mask}", text)
