@@ -24,7 +24,8 @@ Control routes, served by the same process: ``GET /_sandbox/config`` and ``POST 
 
 Clients must not retry against the sandbox: an operation moto lacks answers HTTP 500, which
 botocore's default policy retries for about 11 s. :meth:`MotoSandbox.client_kwargs` sets
-``retries={"max_attempts": 1}``; a client built by hand should do the same.
+``retries={"total_max_attempts": 1}`` (botocore's ``max_attempts`` counts retries, so
+``max_attempts: 1`` still retries once); a client built by hand should do the same.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ from typing import Any, Final, Self
 import aiohttp
 import structlog
 
+from sandbox.errors import SandboxUsageError
 from sandbox.moto_fidelity import FidelityConfig, SandboxState, SerialisingApp, install
 from sandbox.pki import SandboxPki
-from shared.errors import ConfigError, TransportError, UsageError
+from shared.errors import ConfigError, TransportError
 
 __all__ = ["REGION", "MotoSandbox", "main", "serve"]
 
@@ -269,10 +271,10 @@ class MotoSandbox:
         """The port the server listens on.
 
         Raises:
-            UsageError: the sandbox is not started.
+            SandboxUsageError: the sandbox is not started.
         """
         if self._port is None:
-            raise UsageError("MotoSandbox is not started")
+            raise SandboxUsageError("MotoSandbox is not started")
         return self._port
 
     @property
@@ -298,18 +300,19 @@ class MotoSandbox:
             "region_name": self.region,
             "aws_access_key_id": "testing",
             "aws_secret_access_key": "testing",
-            "config": AioConfig(retries={"max_attempts": 1, "mode": "standard"}),
+            # total_max_attempts counts the first attempt: 1 means no retry at all.
+            "config": AioConfig(retries={"total_max_attempts": 1, "mode": "standard"}),
         }
 
     async def start(self) -> None:
         """Start the server and wait, bounded, until it accepts connections.
 
         Raises:
-            UsageError: already started.
+            SandboxUsageError: already started.
             TransportError: the server exited or did not become ready in time.
         """
         if self._process is not None:
-            raise UsageError("MotoSandbox is already started")
+            raise SandboxUsageError("MotoSandbox is already started")
         self.directory.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(

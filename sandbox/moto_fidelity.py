@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -228,7 +229,9 @@ class SandboxState:
     def set_refused(self, arn: str, certificate_pem: str, *, refused: bool) -> None:
         """Record whether a certificate may connect, and republish the CRL if that changed."""
         cert = x509.load_pem_x509_certificate(certificate_pem.encode())
-        if cert.issuer != self.pki.ca_cert.subject:
+        try:
+            cert.verify_directly_issued_by(self.pki.ca_cert)
+        except (InvalidSignature, ValueError, TypeError):
             return  # a CRL only speaks for its own issuer's serials
         with self.lock:
             before = self._refused.get(arn)
