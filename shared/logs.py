@@ -245,22 +245,23 @@ class SecretRedactor:
         }
 
 
+_ESCAPES: Final[Mapping[int, str]] = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
+    ord("\\"): "\\\\",
+    ord('"'): '\\"',
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+_NEEDS_QUOTES: Final = re.compile(r'[\s="\\]')
+
+
 def _escape(text: str) -> str:
-    out: list[str] = []
-    for ch in text:
-        if ch in {"\\", '"'}:
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch < " " or ch == "\x7f":
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    text = text.translate(_ESCAPES)
+    if not text.isprintable():
+        # Unicode line and paragraph separators and the like: keep the line one line.
+        text = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
+    return text
 
 
 def _format_value(value: object) -> str:
@@ -276,7 +277,7 @@ def _format_value(value: object) -> str:
         text = json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
     else:
         text = str(value)
-    if text and not any(ch in text for ch in ' ="\\') and text.isprintable():
+    if text and not _NEEDS_QUOTES.search(text) and text.isprintable():
         return text
     return f'"{_escape(text)}"'
 
@@ -293,7 +294,7 @@ def render_keyvalue(_logger: WrappedLogger, _method: str, event_dict: EventDict)
         The line, without a trailing newline.
     """
     first = [k for k in _FIRST_KEYS if k in event_dict]
-    rest = sorted((k for k in event_dict if k not in _FIRST_KEYS), key=str)
+    rest = sorted(k for k in event_dict if k not in _FIRST_KEYS)
     return " ".join(f"{key}={_format_value(event_dict[key])}" for key in (*first, *rest))
 
 

@@ -167,6 +167,12 @@ def test_keyvalue_line_format() -> None:
     assert second.endswith(r'data="{\"a\":[1,2]}" text="line1\nline2 \"quoted\""')
 
 
+def test_keyvalue_escapes_every_line_breaking_character() -> None:
+    line = render_keyvalue(None, "info", {"event": "a\u2028b\x85c\x01d\re"})
+    assert line == r'event="a\u2028b\u0085c\x01d\re"'
+    assert len(line.splitlines()) == 1
+
+
 def test_render_keyvalue_orders_first_keys_even_when_bound_late() -> None:
     line = render_keyvalue(None, "info", {"b": 1, "event": "e", "a": "x", "level": "info"})
     assert line == "level=info event=e a=x b=1"
