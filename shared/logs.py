@@ -124,7 +124,9 @@ _PEM_PRIVATE_KEY: Final = re.compile(
     r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)",
     re.DOTALL,
 )
-_BEARER: Final = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+# Only Bearer on its own: "basic" is an everyday word; Basic credentials are caught in their
+# Authorization header instead.
+_BEARER: Final = re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 # The rest of an Authorization header value, up to the end of the line or of a quoted string.
 _AUTHORIZATION: Final = re.compile(
     r"""(authorization["']?\s*[:=]\s*["']?)[^"'\r\n,}]+""", re.IGNORECASE
@@ -161,7 +163,7 @@ class SecretRedactor:
         self._mask = mask
         # Every pattern below needs one of these words; most strings hold none of them, and a
         # few substring tests are far cheaper than the regular expressions.
-        self._triggers = (*keys, "private key", "bearer", "basic", "authorization")
+        self._triggers = (*keys, "private key", "bearer", "authorization")
         alternation = "|".join(re.escape(k) for k in keys)
         # ``password=hunter2``, ``"client_secret": "x"``, ``db_password: x`` inside free text;
         # a value already masked (by the Authorization rule) is left alone.
@@ -196,7 +198,7 @@ class SecretRedactor:
             text: any string (an event message, an exception's text, a traceback).
 
         Returns:
-            The text with PEM private key blocks, ``Bearer``/``Basic`` credentials,
+            The text with PEM private key blocks, ``Bearer`` tokens,
             ``Authorization`` header values and ``<secret key>=<value>`` assignments masked.
         """
         lowered = text.lower()

@@ -415,6 +415,25 @@ def test_secret_key_matching(key: str, secret: bool) -> None:
     assert SecretRedactor().is_secret_key(key) is secret
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "basic checks passed",
+        "issued 3 tokens",
+        "grant_type=password&username=SN1",
+        "key=airvantage.password reason=required",
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+    ],
+)
+def test_scrub_leaves_ordinary_text_alone(text: str) -> None:
+    assert SecretRedactor().scrub(text) == text
+
+
+def test_scrub_masks_basic_credentials_in_their_header() -> None:
+    scrubbed = SecretRedactor().scrub("headers: {'Authorization': 'Basic dXNlcjpwYXNz'}")
+    assert "dXNlcjpwYXNz" not in scrubbed
+
+
 def test_secret_keys_are_extensible() -> None:
     redactor = SecretRedactor(secret_keys={"pin", "otp"})
     assert redactor.is_secret_key("sim_pin")
