@@ -446,10 +446,20 @@ class _Mosquitto:
         self._stop_timeout = stop_timeout
         self._reload_timeout = reload_timeout
         self._child: subprocess.Popen[bytes] | None = None
-        # Serialises start, stop and reloads. Created unbound: it binds to a loop only when
-        # contended, so a broker started from one loop can still be driven from another.
+        # Serialises start, stop and reloads; see _guard() for why it may be replaced.
         self._lock = asyncio.Lock()
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._log = structlog.get_logger().bind(broker=self.name)
+
+    def _guard(self) -> asyncio.Lock:
+        # An asyncio.Lock binds to the first loop that waits on it. A broker outlives loops
+        # (a session fixture started on one, tests on others), so an idle lock is renewed when
+        # the running loop changes; a held one is kept, and contending for it from another loop
+        # is then the caller's error that asyncio reports.
+        loop = asyncio.get_running_loop()
+        if loop is not self._lock_loop and not self._lock.locked():
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -569,7 +579,7 @@ class _Mosquitto:
             SandboxUsageError: already running, or mosquitto is not installed.
             BrokerStartError: mosquitto exited or did not answer within ``start_timeout``.
         """
-        async with self._lock:
+        async with self._guard():
             if self.running:
                 msg = f"{self.name} is already running"
                 raise SandboxUsageError(msg)
@@ -685,7 +695,7 @@ class _Mosquitto:
         cancellation propagates.
         """
         try:
-            async with self._lock:
+            async with self._guard():
                 await self._stop_locked()
         except BaseException:
             # Cancelled while waiting for the lock (or while stopping): kill now, not later.
@@ -737,7 +747,7 @@ class _Mosquitto:
             BrokerReloadError: mosquitto did not log the reload, or did not serve a connection
                 after it, within ``reload_timeout``.
         """
-        async with self._lock:
+        async with self._guard():
             await self._reload_locked()
 
     async def _reload_locked(self) -> None:
@@ -936,7 +946,7 @@ class DeviceBroker(_Mosquitto):
             hashed[serial] = mosquitto_password_hash(password)
         if not hashed:
             return
-        async with self._lock:
+        async with self._guard():
             self._hashes.update(hashed)
             self._write_auth_files()
             if not self.running:
@@ -965,7 +975,7 @@ class DeviceBroker(_Mosquitto):
         Raises:
             BrokerReloadError: mosquitto did not confirm the reload.
         """
-        async with self._lock:
+        async with self._guard():
             if self._hashes.pop(serial, None) is None:
                 return
             self._write_auth_files()
@@ -1096,7 +1106,7 @@ class IotBroker(_Mosquitto):
             BrokerReloadError: mosquitto did not confirm the reload.
         """
         serials = sorted(set(revoked_serials))
-        async with self._lock:
+        async with self._guard():
             self._pki.write_crl(serials)
             await self._reload_locked()
         self._log.info("broker.crl_reloaded", revoked=len(serials))

@@ -433,10 +433,11 @@ async def test_stop_leaves_no_process_and_no_pid_file(
     await broker.start()
     pid = broker.pid
     assert pid is not None
-    assert broker.running
+    running = [broker.running]
     await broker.stop()
+    running.append(broker.running)
+    assert running == [True, False]
     assert process_gone(pid)
-    assert not broker.running
     assert broker.pid is None
     assert not broker.pid_file.exists()
     await broker.stop()  # idempotent
