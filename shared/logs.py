@@ -161,10 +161,11 @@ class SecretRedactor:
         self._keys = tuple(f"_{k}_" for k in keys)
         self._key_cache: dict[str, bool] = {}
         self._mask = mask
-        # Every pattern below needs one of these words; most strings hold none of them, and a
-        # few substring tests are far cheaper than the regular expressions.
-        self._triggers = (*keys, "private key", "bearer", "authorization")
-        alternation = "|".join(re.escape(k) for k in keys)
+        # Every pattern below needs one of these words (compared without "_" and "-"); most
+        # strings hold none of them, and a few substring tests cost far less than the regexes.
+        self._triggers = (*{k.replace("_", "") for k in keys}, "private key", "bearer")
+        # ``client_secret`` also matches ``client-secret`` and ``clientsecret`` in free text.
+        alternation = "|".join(re.escape(k).replace("_", "[_-]?") for k in keys)
         # ``password=hunter2``, ``"client_secret": "x"``, ``db_password: x`` inside free text;
         # a value already masked (by the Authorization rule) is left alone.
         self._assignment = re.compile(
@@ -201,7 +202,7 @@ class SecretRedactor:
             The text with PEM private key blocks, ``Bearer`` tokens,
             ``Authorization`` header values and ``<secret key>=<value>`` assignments masked.
         """
-        lowered = text.lower()
+        lowered = text.lower().replace("_", "").replace("-", "")
         if not any(trigger in lowered for trigger in self._triggers):
             return text
         text = _PEM_PRIVATE_KEY.sub(self._mask, text)

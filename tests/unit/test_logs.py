@@ -429,6 +429,23 @@ def test_scrub_leaves_ordinary_text_alone(text: str) -> None:
     assert SecretRedactor().scrub(text) == text
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "client-secret: sep-OOO555",
+        "X-Api-Key=sep-OOO555",
+        "clientSecret='sep-OOO555'",
+        "set PASSWD = sep-OOO555;",
+        "auth ok, Bearer sep-OOO555",
+        "AUTHORIZATION: Digest sep-OOO555",
+    ],
+)
+def test_scrub_masks_separator_and_case_variants(text: str) -> None:
+    scrubbed = SecretRedactor().scrub(text)
+    assert "sep-OOO555" not in scrubbed
+    assert REDACTED in scrubbed
+
+
 def test_scrub_masks_basic_credentials_in_their_header() -> None:
     scrubbed = SecretRedactor().scrub("headers: {'Authorization': 'Basic dXNlcjpwYXNz'}")
     assert "dXNlcjpwYXNz" not in scrubbed
