@@ -110,6 +110,13 @@ class Secret:
     def __hash__(self) -> int:
         return hash((Secret, self._value))
 
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        # Immutable, so sharing is copying; this also keeps dataclasses.asdict() working.
+        return self
+
     def __reduce__(self) -> typing.NoReturn:
         # Pickling would write the secret in clear wherever the pickle goes.
         raise TypeError("a Secret cannot be pickled")

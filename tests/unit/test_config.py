@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 import pickle
 from collections.abc import Callable
@@ -428,8 +430,12 @@ def test_secret_never_shows_itself() -> None:
 
 def test_config_repr_masks_secrets(secret_files: Path) -> None:
     config = _load(MINIMAL, {"ZTP_AIRVANTAGE_CLIENT_SECRET": "cs-secret-777"}, secret_files)
-    assert "hunter2" not in repr(config)
-    assert "cs-secret-777" not in repr(config)
+    as_dict = dataclasses.asdict(config)
+    assert as_dict["airvantage"]["password"].reveal() == "hunter2-file"
+    assert copy.deepcopy(config) == config
+    for text in (repr(config), str(as_dict)):
+        assert "hunter2" not in text
+        assert "cs-secret-777" not in text
 
 
 # --- schema problems are our own bugs: UsageError --------------------------------------------
