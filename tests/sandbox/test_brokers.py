@@ -501,3 +501,23 @@ def test_address_and_arguments_are_validated(tmp_path: Path, sandbox_pki: Sandbo
         _ = DeviceBroker(tmp_path, pki=sandbox_pki).address  # no port before the first start
     with pytest.raises(SandboxUsageError):
         client_tls_context(BrokerAddress("127.0.0.1", 1883, None))
+
+
+async def test_devices_added_before_start_can_connect_once_started(
+    tmp_path: Path, sandbox_pki: SandboxPki, unique_serial: str
+) -> None:
+    broker = DeviceBroker(tmp_path, pki=sandbox_pki)
+    await broker.add_device(unique_serial, "early")  # no process yet: only the file is written
+    async with broker:
+        client = mqtt_client(broker.address, username=unique_serial, password="early")
+        assert not await refused(client)
+
+
+async def test_concurrent_additions_are_all_effective(
+    device_broker: DeviceBroker, unique_serial: str
+) -> None:
+    serials = [f"{unique_serial}-{index}" for index in range(6)]
+    await asyncio.gather(*(device_broker.add_device(serial, f"pw-{serial}") for serial in serials))
+    for serial in serials:
+        client = mqtt_client(device_broker.address, username=serial, password=f"pw-{serial}")
+        assert not await refused(client)
