@@ -142,7 +142,6 @@ class _Leaf:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Section:
     key: str  # dotted path of the section; "" for the root
-    env: str  # env prefix of the section's fields, without trailing underscore
     schema: type[Any]
     leaves: tuple[_Leaf, ...]
     # (field name, section, a maker of the field's default instance or None when required)
@@ -267,7 +266,7 @@ def _build_section(schema: type[Any], *, key: str, env: str, seen_env: dict[str,
                 metadata=fld.metadata,
             )
         )
-    return _Section(key=key, env=env, schema=schema, leaves=tuple(leaves), sections=tuple(sections))
+    return _Section(key=key, schema=schema, leaves=tuple(leaves), sections=tuple(sections))
 
 
 def _convert_env(leaf: _Leaf, text: str, source: str) -> object:
