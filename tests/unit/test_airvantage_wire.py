@@ -312,7 +312,7 @@ def _same(a: tuple[DataPoint, ...], b: tuple[DataPoint, ...]) -> bool:
     return a == b and all(type(x.value) is type(y.value) for x, y in zip(a, b, strict=True))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(_paths, _scalars, _timestamps), max_size=8))
 def test_array_shape_round_trips(items: list[tuple[str, Scalar, int]]) -> None:
     points = tuple(DataPoint(p, v, t) for p, v, t in items)
@@ -323,7 +323,7 @@ def test_array_shape_round_trips(items: list[tuple[str, Scalar, int]]) -> None:
     assert _same(back, expected)
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(_paths, _scalars, max_size=8), st.sampled_from([None, 0, 1416324560869]))
 def test_object_shapes_round_trip(values: dict[str, Scalar], timestamp: int | None) -> None:
     points = tuple(DataPoint(p, v, timestamp) for p, v in values.items())
@@ -331,7 +331,7 @@ def test_object_shapes_round_trip(values: dict[str, Scalar], timestamp: int | No
     assert _same(parse_device_message(encode_device_message(points, shape=shape)), points)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_parse_device_message_never_raises_anything_untyped(payload: bytes) -> None:
     with contextlib.suppress(WireFormatError, LimitExceededError):
@@ -863,7 +863,7 @@ def test_encode_envelope_refuses_points_it_cannot_carry(points: tuple[DataPoint,
         encode_envelope(IncomingCommunication("s", "c", None, 1, points))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.one_of(
         st.binary(max_size=200),
@@ -888,7 +888,7 @@ def test_parse_envelope_never_raises_anything_untyped(data: bytes) -> None:
         parse_envelope(data)
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(
     st.sampled_from(
         [

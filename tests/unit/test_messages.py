@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.airvantage import (
@@ -287,13 +287,13 @@ _messages: st.SearchStrategy[Message] = st.one_of(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_messages)
 def test_every_message_round_trips(msg: Message) -> None:
     assert decode_message(encode_message(msg)) == msg
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.one_of(st.builds(Provisioned, _ids, _cert_ids), st.builds(Rejected, _ids, _reasons)))
 def test_every_status_report_fits_one_value(report: Provisioned | Rejected) -> None:
     point = status_data_point(report)
@@ -312,7 +312,7 @@ def test_worst_case_status_reports_fit_one_value() -> None:
         assert len(status_data_point(report).value) <= MAX_PARAM_CHARS  # type: ignore[arg-type]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.text(max_size=400))
 def test_sanitize_reason_always_yields_a_valid_reason(text: str) -> None:
     reason = sanitize_reason(text)
