@@ -538,7 +538,8 @@ def _restore_reshard_routing() -> None:
     def split_shard(self: Any, shard_to_split: str, new_starting_hash_key: str) -> None:
         parent = self.shards[shard_to_split]
         new_start = int(new_starting_hash_key)
-        if not parent.starting_hash < new_start <= parent.ending_hash:
+        # AWS's bound, as its error message words it: above StartingHashKey + 1, below the end.
+        if not parent.starting_hash + 1 < new_start < parent.ending_hash:
             raise InvalidArgumentError(
                 f"NewStartingHashKey {new_start} is not inside shard {shard_to_split}'s range."
             )

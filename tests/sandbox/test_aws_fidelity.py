@@ -13,11 +13,14 @@ import datetime as dt
 import hashlib
 import os
 import socket
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sandbox.aws import MotoSandbox
+from sandbox.brokers import BrokerAddress, ClientCertificate, IotBroker, client_tls_context
 from sandbox.moto_fidelity import (
     MOTO_VERSION,
     FidelityConfig,
@@ -199,8 +203,6 @@ async def test_stop_ends_the_child_process(tmp_path: Any, aws_pki: SandboxPki) -
 @on_module_loop
 async def test_missing_operation_fails_fast_without_retries(aws: MotoSandbox) -> None:
     # moto answers 500 for what it lacks; with client_kwargs() botocore does not retry it.
-    from aiobotocore.session import get_session
-
     async with get_session().create_client("kinesis", **aws.client_kwargs()) as client:
         started = time.monotonic()
         with pytest.raises(ClientError) as error:
@@ -349,6 +351,72 @@ async def test_crl_follows_certificate_statuses_and_the_broker_is_signalled(
     assert kept.serial_number not in revoked_serials(aws_pki)
 
 
+async def handshake_refused(address: BrokerAddress, tls: ssl.SSLContext) -> bool:
+    """Whether a TLS 1.2 handshake with the broker fails (TLS 1.2 refuses inside the handshake)."""
+    try:
+        async with asyncio.timeout(3.0):
+            _, writer = await asyncio.open_connection(address.host, address.port, ssl=tls)
+    except ssl.SSLError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]]) -> bool:
+    """Poll ``condition`` for up to 5 s: mosquitto reloads its CRL a moment after SIGHUP."""
+    for _ in range(50):
+        if await condition():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+@on_module_loop
+async def test_real_iot_broker_refuses_a_deactivated_certificate(
+    tmp_path: Path, aws_pki: SandboxPki
+) -> None:
+    # A broker and a sandbox of their own: the module's sandbox signals a stand-in process.
+    broker = IotBroker(tmp_path / "broker", pki=aws_pki)
+    await broker.start()
+    try:
+        async with (
+            MotoSandbox(tmp_path / "aws", pki=aws_pki, iot_broker_pid_file=broker.pid_file) as aws,
+            get_session().create_client("iot", **aws.client_kwargs()) as iot,
+        ):
+            key = ec.generate_private_key(ec.SECP256R1())
+            pem, _ = make_csr("thing-e2e", key=key)
+            created = await iot.create_certificate_from_csr(
+                certificateSigningRequest=pem, setAsActive=True
+            )
+            cert_file, key_file = tmp_path / "thing.pem", tmp_path / "thing.key"
+            cert_file.write_text(created["certificatePem"])
+            key_file.touch(mode=0o600)
+            key_file.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            serial = x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number
+            thing = ClientCertificate("thing-e2e", cert_file, key_file, serial)
+            tls = client_tls_context(broker.address, thing, maximum_version=ssl.TLSVersion.TLSv1_2)
+            certificate_id = created["certificateId"]
+
+            assert not await handshake_refused(broker.address, tls)
+            await iot.update_certificate(certificateId=certificate_id, newStatus="INACTIVE")
+            assert await eventually(lambda: handshake_refused(broker.address, tls))
+            await iot.update_certificate(certificateId=certificate_id, newStatus="ACTIVE")
+
+            async def accepted() -> bool:
+                return not await handshake_refused(broker.address, tls)
+
+            assert await eventually(accepted)
+    finally:
+        await broker.stop()
+
+
 @on_module_loop
 async def test_iot_throttling_per_api(aws: MotoSandbox, iot: Any) -> None:
     await aws.configure(iot_throttling=True, iot_tps_per_api={"DescribeEndpoint": 3})
@@ -445,6 +513,10 @@ async def test_split_routes_new_records_to_children_and_parent_ends_with_child_s
     assert sorted(c["ShardId"] for c in last["ChildShards"]) == children
     assert all(c["ParentShards"] == [parent] for c in last["ChildShards"])
 
+    # Sequence numbers keep increasing across the reshard: children's come after the parent's.
+    parent_last = max(int(r["SequenceNumber"]) for r in parent_records)
+    assert min(int(w["SequenceNumber"]) for w in written) > parent_last
+
     seen: list[str] = []
     for child in children:
         low = int(shards[child]["HashKeyRange"]["StartingHashKey"])
@@ -480,6 +552,27 @@ async def test_merge_copies_nothing_and_both_parents_end_with_the_child(kinesis:
     assert sorted(old) == sorted(before)
 
 
+@on_module_loop
+async def test_update_shard_count_reshards_without_moving_records(kinesis: Any) -> None:
+    await create_stream(kinesis, "scaled", 1)
+    before = [f"before-{n}" for n in range(40)]
+    await put(kinesis, "scaled", before)
+    await kinesis.update_shard_count(
+        StreamName="scaled", TargetShardCount=2, ScalingType="UNIFORM_SCALING"
+    )
+    shards = (await kinesis.list_shards(StreamName="scaled"))["Shards"]
+    open_shards = {
+        s["ShardId"] for s in shards if "EndingSequenceNumber" not in s["SequenceNumberRange"]
+    }
+    assert len(open_shards) == 2
+    written = await put(kinesis, "scaled", [f"after-{n}" for n in range(40)])
+    assert {w["ShardId"] for w in written} == open_shards
+    records, last = await read_shard(kinesis, "scaled", "shardId-000000000000")
+    assert [r["Data"].decode() for r in records] == before
+    assert {c["ShardId"] for c in last["ChildShards"]} == open_shards
+
+
+@pytest.mark.slow  # 40,000 records through moto's JSON both ways: about 6 s on two cores
 @on_module_loop
 async def test_concurrent_writers_lose_nothing_and_get_records_caps_at_10000(
     kinesis: Any,
