@@ -36,6 +36,7 @@ an ``atexit`` hook kills any child still alive when the interpreter exits.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
 import base64
@@ -418,7 +419,7 @@ def _no_whitespace(path: Path) -> Path:
     return path
 
 
-class _Mosquitto:
+class _Mosquitto(abc.ABC):
     """What both brokers share: files, the child process, readiness, reload, stop."""
 
     name = "mosquitto"
@@ -483,7 +484,12 @@ class _Mosquitto:
 
     @property
     def pid_file(self) -> Path:
-        """mosquitto's pid file, present while the broker runs (what another process SIGHUPs)."""
+        """mosquitto's pid file, present only while the broker runs.
+
+        Another process (the moto fidelity layer) may SIGHUP that pid after rewriting the CRL.
+        mosquitto acts on the signal at its next event-loop turn, within about 100 ms, or at once
+        if a connection arrives; :meth:`reload` does both and waits for the confirmation.
+        """
         return self._file("pid")
 
     @property
@@ -522,20 +528,25 @@ class _Mosquitto:
 
     # -- what each broker defines ----------------------------------------------------------------
 
+    @abc.abstractmethod
     def _ca_file(self) -> Path | None:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def _listener_lines(self) -> list[str]:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def _write_auth_files(self) -> None:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def _probe_tls(self) -> ssl.SSLContext | None:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abc.abstractmethod
     def _probe_credentials(self) -> tuple[str | None, str | None]:
-        raise NotImplementedError
+        """See the subclasses."""
 
     # -- life cycle ----------------------------------------------------------------------------
 

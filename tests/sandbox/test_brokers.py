@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+import structlog.testing
 
 from sandbox.brokers import (
     DEFAULT_ADMIN_USERNAME,
@@ -521,3 +522,22 @@ async def test_concurrent_additions_are_all_effective(
     for serial in serials:
         client = mqtt_client(device_broker.address, username=serial, password=f"pw-{serial}")
         assert not await refused(client)
+
+
+async def test_log_events_carry_no_password(
+    tmp_path: Path, sandbox_pki: SandboxPki, unique_serial: str
+) -> None:
+    with structlog.testing.capture_logs() as events:
+        async with DeviceBroker(tmp_path, pki=sandbox_pki) as broker:
+            await broker.add_device(unique_serial, "device-secret-1")
+            await broker.restart()
+            admin_password = broker.admin_password
+    assert {event["event"] for event in events} >= {
+        "broker.started",
+        "broker.reloaded",
+        "broker.devices_added",
+        "broker.stopped",
+    }
+    rendered = repr(events)
+    assert "device-secret-1" not in rendered
+    assert admin_password not in rendered
