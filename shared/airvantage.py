@@ -56,7 +56,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, TypeAlias
 
-from shared.errors import DecodeError, LimitExceededError, UsageError, WireFormatError
+from shared.errors import (
+    DecodeError,
+    InvalidValueError,
+    LimitExceededError,
+    WireFormatError,
+)
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
@@ -139,26 +144,6 @@ def _type_name(value: object) -> str:
         if isinstance(value, kind):
             return name
     return type(value).__name__
-
-
-class InvalidValueError(UsageError):
-    """A value built on our own side breaks a wire-format rule.
-
-    The local twin of :class:`~shared.errors.DecodeError`: the same structured attributes, but
-    the caller is at fault, not a peer. Decoders translate it into their peer error.
-
-    Attributes:
-        field: the offending field (``path``, ``timestamp_ms``, ``request_id``).
-        expected: what the field must be.
-        got: a short description of what was given (truncated, never a secret).
-    """
-
-    def __init__(self, field: str, expected: str, got: object) -> None:
-        self.field = field
-        self.expected = expected
-        self.got = _describe(got)
-        self.value = got
-        super().__init__(f"{field}: expected {expected}, got {self.got}")
 
 
 def _join(prefix: str, name: str) -> str:

@@ -26,6 +26,7 @@ __all__ = [
     "FragmentConflictError",
     "FragmentError",
     "FragmentFormatError",
+    "InvalidValueError",
     "LimitExceededError",
     "MessageError",
     "PeerError",
@@ -62,6 +63,27 @@ class ConfigError(UsageError):
         super().__init__(f"configuration key {key!r}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class InvalidValueError(UsageError):
+    """A value built on our own side breaks a wire-format or message rule.
+
+    The local twin of :class:`DecodeError`: the same structured attributes, but the caller is at
+    fault, not a peer. Decoders translate it into their peer error.
+
+    Attributes:
+        field: the offending field (``path``, ``timestamp_ms``, ``request_id``).
+        expected: what the field must be.
+        got: a short description of what was given (truncated, never a secret).
+        value: the value itself, for a decoder that re-raises it as a peer error.
+    """
+
+    def __init__(self, field: str, expected: str, got: object) -> None:
+        self.field = field
+        self.expected = expected
+        self.got = _describe(got)
+        self.value = got
+        super().__init__(f"{field}: expected {expected}, got {self.got}")
 
 
 class TransportError(ZtpError):
