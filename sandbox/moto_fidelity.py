@@ -117,8 +117,9 @@ class FidelityConfig:
             raise ConfigError("iterator_lifetime", "must be a number of seconds >= 0")
         rates = {"iot_tps": self.iot_tps, **self.iot_tps_per_api}
         for name, rate in rates.items():
-            if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
-                raise ConfigError(name, "must be a positive number of transactions per second")
+            # The window is one second wide: a rate below 1 would never admit anything.
+            if not isinstance(rate, int | float) or isinstance(rate, bool) or rate < 1:
+                raise ConfigError(name, "must be at least 1 transaction per second")
         # A private copy: the frozen value must not change under a caller's dict.
         object.__setattr__(self, "iot_tps_per_api", dict(self.iot_tps_per_api))
 
@@ -217,8 +218,15 @@ class SandboxState:
             self._refused.clear()
         self._publish_crl()
 
-    def admit(self, key: tuple[str, ...], *, count: int, size: int, max_count: float,
-              max_size: float = float("inf")) -> bool:  # fmt: skip
+    def admit(
+        self,
+        key: tuple[str, ...],
+        *,
+        count: int,
+        size: int,
+        max_count: float,
+        max_size: float = float("inf"),
+    ) -> bool:
         """Charge one event to the rate window ``key``; False when the budget is spent."""
         with self.lock:
             window = self._windows.setdefault(key, RateWindow())

@@ -14,6 +14,7 @@ import hashlib
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ hangup_counter = aws_fixtures.hangup_counter
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 ACCOUNT = "123456789012"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def error_code(error: pytest.ExceptionInfo[ClientError]) -> str:
@@ -198,6 +200,57 @@ async def test_stop_ends_the_child_process(tmp_path: Any, aws_pki: SandboxPki) -
         os.kill(pid, 0)  # alive
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaps counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in {"Z", "X"}
+
+
+_ORPHANING_PARENT = """
+import asyncio, sys
+from pathlib import Path
+from sandbox.aws import MotoSandbox
+from sandbox.pki import SandboxPki
+
+async def main():
+    pki = SandboxPki.load_or_create(Path(sys.argv[1]) / "pki")
+    sandbox = MotoSandbox(Path(sys.argv[1]), pki=pki)
+    await sandbox.start()
+    print("child-pid", sandbox.pid, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@on_module_loop
+async def test_server_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _ORPHANING_PARENT, str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        async with asyncio.timeout(30):
+            line = b""
+            while not line.startswith(b"child-pid "):  # structlog prints to stdout too
+                line = await parent.stdout.readline()
+        child = int(line.split()[1])
+        assert not process_gone(child)
+    finally:
+        parent.kill()  # no cleanup runs: the child must notice on its own
+        await parent.wait()
+    for _ in range(50):
+        if process_gone(child):
+            break
+        await asyncio.sleep(0.1)
+    assert process_gone(child)
 
 
 @on_module_loop
