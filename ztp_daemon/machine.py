@@ -1,0 +1,1026 @@
+"""The provisioning state machine of the device daemon: a pure core (no I/O, clock passed in).
+
+Theory of operation
+===================
+
+A gateway makes one key pair, sends one certificate signing request (CSR) through AirVantage, and
+waits for the cloud daemon to deliver, in ``ztp.deliver`` command tasks, a certificate for that key
+and the IoT data endpoint. :class:`ProvisioningMachine` decides every step and does none of them:
+:meth:`~ProvisioningMachine.handle` takes one event and the current time and returns the actions
+to perform, in order. An async driver performs them and feeds back what happened.
+
+States (:class:`State`) and the legal moves between them are data: :data:`TRANSITIONS` maps each
+state and event type to the one state that event leads to. An event absent from the table, or
+refused by one of the guards below, raises :class:`~ztp_daemon.errors.IllegalTransitionError` and
+leaves the machine exactly as it was::
+
+    FRESH --Start--> MAKING_KEY --KeyReady--> KEY_READY --Persisted--> REQUEST_SENT
+    REQUEST_SENT --FragmentHeld--> RECEIVING --CertificateVerified--> STORING
+    STORING --CredentialsStored--> PROVISIONED
+    REQUEST_SENT/RECEIVING --DeliveryFailed--> WAITING_RETRY --TimerFired--> REQUEST_SENT
+    REQUEST_SENT/RECEIVING --TimerFired (no delivery in time)--> REQUEST_SENT (the same CSR again)
+
+The driver's contract:
+
+1. ``Start`` comes first (``LinkUp``/``LinkDown`` may precede it); a second ``Start`` is illegal.
+2. Actions of one batch are performed in order. :class:`MakeKey`, :class:`Persist` and
+   :class:`StoreCredentials` are *storage actions*; each is the last of its batch, and the driver
+   feeds its completion (:class:`KeyReady`, :class:`Persisted`, :class:`CredentialsStored`, or
+   :class:`StorageFailed`) before any other event except ``LinkUp``/``LinkDown``: until then
+   tasks and timers are illegal (the driver queues them), so no two storage actions overlap. A
+   task acked only after its credentials are stored and arriving again meanwhile (QoS 1) is
+   therefore seen after the commit, and acked OK as a repeat.
+3. The driver owns one timer: :class:`ScheduleRetry` (re)arms it, :class:`CancelRetry` disarms it,
+   and it feeds :class:`TimerFired` only for the armed timer.
+4. :class:`PublishRequest`, :class:`AckTask` and :class:`ReportStatus` go over the AirVantage link.
+   The machine holds them while the link is down and returns them with the next ``LinkUp``.
+
+Tasks are interpreted before the table applies: a :class:`TaskReceived` is fed to the injected
+:class:`DeliveryDecoder` (fragment reassembly and message decoding) and, when a delivery is
+complete, to :func:`~ztp_daemon.verify.verify_certificate`. The result is one *outcome* event
+(:class:`FragmentHeld`, :class:`CertificateVerified`, :class:`DeliveryFailed`,
+:class:`TaskRefused`, :class:`TaskRepeated`), and the table decides what that outcome may do in the
+current state. Outcomes are internal: the driver cannot feed them.
+
+Durability and resume: the machine emits :class:`Persist` with a :class:`StateRecord` when it has
+made a key and CSR, on each send of the request, on entering WAITING_RETRY, and once provisioned.
+A new machine built from the last stored record resumes: with a record it never asks for a new key
+and re-sends the *same* CSR (and request id, which is derived from the CSR, so the cloud recognises
+a repeat). The CSR is published only after its record is durable, so a CSR that was never stored
+was never sent either. The success report and the publisher start follow the durable PROVISIONED
+record; storing the same certificate twice (killed between storing and persisting) is idempotent
+in the bundle store.
+
+Retry timing: the first send waits ``delivery_timeout`` (60 s) for a delivery; each later wait is
+exponential backoff with full jitter, ``uniform(0, min(retry_cap, delivery_timeout * 2**(n-1)))``
+for the n-th send, with ``retry_cap`` 1 h. Randomness comes from an injected ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import math
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TypeAlias
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from shared.errors import PeerError, UsageError
+from ztp_daemon.errors import IllegalTransitionError, VerificationError
+from ztp_daemon.verify import VerifyPolicy, verify_certificate
+
+__all__ = [
+    "DELIVER_COMMAND",
+    "PERSISTED_STATES",
+    "TRANSITIONS",
+    "AckTask",
+    "Action",
+    "CancelRetry",
+    "CertificateVerified",
+    "CredentialsStored",
+    "Delivery",
+    "DeliveryDecoder",
+    "DeliveryFailed",
+    "DiscardKey",
+    "Event",
+    "FragmentHeld",
+    "Input",
+    "KeyReady",
+    "LinkDown",
+    "LinkUp",
+    "MachineConfig",
+    "MakeKey",
+    "Persist",
+    "Persisted",
+    "ProvisioningMachine",
+    "PublishRequest",
+    "Refusal",
+    "ReportStatus",
+    "ScheduleRetry",
+    "Start",
+    "StartPublisher",
+    "State",
+    "StateRecord",
+    "StorageFailed",
+    "StoreCredentials",
+    "TaskReceived",
+    "TaskRefused",
+    "TaskRepeated",
+    "TimerFired",
+    "request_id_for",
+]
+
+DELIVER_COMMAND = "ztp.deliver"
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_MAX_REASON_CHARS = 200
+
+
+def _check_id(name: str, value: object) -> None:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        msg = f"{name} must be 1..128 characters of [A-Za-z0-9._:-], got {value!r:.80}"
+        raise ValueError(msg)
+
+
+def _short(text: str) -> str:
+    """Bound a reason for an ack or a status report (AirVantage strings stay small)."""
+    return text if len(text) <= _MAX_REASON_CHARS else f"{text[: _MAX_REASON_CHARS - 3]}..."
+
+
+class State(enum.Enum):
+    """Where the gateway is in its provisioning."""
+
+    FRESH = "fresh"
+    MAKING_KEY = "making_key"
+    KEY_READY = "key_ready"
+    REQUEST_SENT = "request_sent"
+    RECEIVING = "receiving"
+    STORING = "storing"
+    PROVISIONED = "provisioned"
+    WAITING_RETRY = "waiting_retry"
+
+
+#: The states a :class:`StateRecord` may hold (the others are never written).
+PERSISTED_STATES = frozenset(
+    {State.KEY_READY, State.REQUEST_SENT, State.WAITING_RETRY, State.PROVISIONED}
+)
+
+
+def request_id_for(csr_pem: str) -> str:
+    """Derive the request id from the CSR: the same CSR always travels under the same id."""
+    return hashlib.sha256(csr_pem.strip().encode("ascii")).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord:
+    """What survives a restart; :mod:`ztp_daemon.state` writes it as JSON.
+
+    Attributes:
+        state: one of :data:`PERSISTED_STATES`.
+        request_id: the id of our one request (derived from the CSR).
+        csr_pem: the CSR, re-sent unchanged after a restart.
+        attempts: how many times the request has been sent.
+        next_retry_at: when to send again (epoch seconds), in WAITING_RETRY.
+        last_error: the reason of the last failed delivery, if any.
+        bundle_version: the credential bundle version, once provisioned.
+        certificate_id: the stored certificate's id, once provisioned.
+    """
+
+    state: State
+    request_id: str
+    csr_pem: str
+    attempts: int = 0
+    next_retry_at: float | None = None
+    last_error: str | None = None
+    bundle_version: int | None = None
+    certificate_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, State) or self.state not in PERSISTED_STATES:
+            msg = f"state {self.state!r} is never persisted"
+            raise ValueError(msg)
+        _check_id("request_id", self.request_id)
+        if "-----BEGIN CERTIFICATE REQUEST-----" not in self.csr_pem:
+            msg = "csr_pem is not a PEM certificate request"
+            raise ValueError(msg)
+        if self.attempts < 0:
+            msg = "attempts must not be negative"
+            raise ValueError(msg)
+        if self.next_retry_at is not None and not math.isfinite(self.next_retry_at):
+            msg = "next_retry_at must be finite"
+            raise ValueError(msg)
+        if self.state is State.WAITING_RETRY and self.next_retry_at is None:
+            msg = "a WAITING_RETRY record needs next_retry_at"
+            raise ValueError(msg)
+        if self.state is State.PROVISIONED:
+            if self.bundle_version is None or self.bundle_version < 1:
+                msg = "a PROVISIONED record needs a bundle_version >= 1"
+                raise ValueError(msg)
+            _check_id("certificate_id", self.certificate_id)
+
+
+# --- what the decoder produces -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A complete certificate delivery, decoded (not yet verified)."""
+
+    request_id: str
+    certificate_id: str
+    endpoint: str
+    certificate_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The cloud refused our request (for example the CSR failed its checks)."""
+
+    request_id: str
+    reason: str
+
+
+class DeliveryDecoder(abc.ABC):
+    """Turns the params of ``ztp.deliver`` tasks into deliveries: reassembly plus decoding.
+
+    Pure and synchronous, like the machine that owns it.
+    """
+
+    @abc.abstractmethod
+    def feed(self, params: Mapping[str, object], *, now: float) -> Delivery | Refusal | None:
+        """Take one task's params.
+
+        Args:
+            params: the command task's parameters.
+            now: the current time, epoch seconds (for expiring partial transfers).
+
+        Returns:
+            The delivery or refusal once complete, ``None`` while fragments are missing.
+
+        Raises:
+            PeerError: malformed fragments or message, or a bound exceeded.
+        """
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget every partial transfer (a new request attempt starts clean)."""
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of everything the machine reacts to."""
+
+
+@dataclass(frozen=True, slots=True)
+class Start(Event):
+    """Begin provisioning, or resume it from the stored record."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp(Event):
+    """The AirVantage link is connected and subscribed to tasks."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDown(Event):
+    """The AirVantage link is down."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReceived(Event):
+    """A command task from AirVantage (``{serial}/tasks/json``)."""
+
+    uid: str
+    command_id: str
+    params: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uid, str) or not self.uid or len(self.uid) > 128:
+            msg = "uid must be a non-empty string of at most 128 characters"
+            raise ValueError(msg)
+        command: object = self.command_id
+        if not isinstance(command, str):
+            msg = "command_id must be a string"
+            raise TypeError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired(Event):
+    """The timer armed by the last :class:`ScheduleRetry` expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReady(Event):
+    """The key exists (made or loaded) and this CSR was signed with it.
+
+    The public key is read from the CSR, which also proves the CSR parses.
+    """
+
+    csr_pem: str
+    public_key: PublicKeyTypes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            csr = x509.load_pem_x509_csr(self.csr_pem.strip().encode("ascii"))
+        except (ValueError, UnicodeEncodeError) as exc:
+            msg = "csr_pem is not a PEM certificate request"
+            raise ValueError(msg) from exc
+        object.__setattr__(self, "public_key", csr.public_key())
+
+
+@dataclass(frozen=True, slots=True)
+class Persisted(Event):
+    """The last :class:`Persist` is durable."""
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsStored(Event):
+    """The last :class:`StoreCredentials` committed this bundle version."""
+
+    version: int
+
+    def __post_init__(self) -> None:
+        if self.version < 1:
+            msg = "bundle versions start at 1"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageFailed(Event):
+    """The last storage action failed (disk full, permissions...)."""
+
+    reason: str
+
+
+#: The events a driver may feed to :meth:`ProvisioningMachine.handle`.
+Input: TypeAlias = (
+    Start
+    | LinkUp
+    | LinkDown
+    | TaskReceived
+    | TimerFired
+    | KeyReady
+    | Persisted
+    | CredentialsStored
+    | StorageFailed
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentHeld(Event):
+    """Outcome: part of a delivery arrived; more is expected."""
+
+    uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateVerified(Event):
+    """Outcome: a complete delivery for our request passed every check."""
+
+    uid: str
+    delivery: Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFailed(Event):
+    """Outcome: a delivery for our request failed verification, or the cloud refused it."""
+
+    uid: str
+    reason: str
+    _: dataclasses.KW_ONLY
+    verification: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRefused(Event):
+    """Outcome: a task that is not (or not now) acceptable; acked ERROR, nothing else changes."""
+
+    uid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRepeated(Event):
+    """Outcome: a repeat of a delivery already being stored or stored (QoS 1 redelivery)."""
+
+    uid: str
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """Base of everything the machine asks the driver to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class MakeKey(Action):
+    """Load the key, or make it if there is none; sign a CSR; answer :class:`KeyReady`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Persist(Action):
+    """Write this record atomically; answer :class:`Persisted`."""
+
+    record: StateRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest(Action):
+    """Send the certificate request (``ztp.request``) over the link."""
+
+    request_id: str
+    csr_pem: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckTask(Action):
+    """Acknowledge a task: OK, or ERROR with a message."""
+
+    uid: str
+    ok: bool
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCredentials(Action):
+    """Commit key, certificate and endpoint as one bundle; answer :class:`CredentialsStored`."""
+
+    request_id: str
+    certificate_id: str
+    endpoint: str
+    certificate_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRetry(Action):
+    """(Re)arm the one timer to fire after ``delay`` seconds."""
+
+    delay: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.delay) and self.delay >= 0):
+            msg = "delay must be finite and not negative"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRetry(Action):
+    """Disarm the timer."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportStatus(Action):
+    """Report ``provisioned`` (with the certificate id) or ``rejected`` (with a reason)."""
+
+    request_id: str
+    provisioned: bool
+    certificate_id: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.provisioned != (self.certificate_id is not None):
+            msg = "a provisioned report carries the certificate id, a rejected one does not"
+            raise ValueError(msg)
+        if not self.provisioned and not self.reason:
+            msg = "a rejected report carries a reason"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class StartPublisher(Action):
+    """Provisioning is done: have the supervisor start the publisher on this bundle."""
+
+    bundle_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardKey(Action):
+    """Remove the key store's pending key: the bundle now holds the key and the record says so."""
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+_S = State
+#: Every legal move: the state an event of this type leads to from this state.
+TRANSITIONS: Mapping[State, Mapping[type[Event], State]] = {
+    _S.FRESH: {
+        Start: _S.MAKING_KEY,
+        TimerFired: _S.MAKING_KEY,
+        LinkUp: _S.FRESH,
+        LinkDown: _S.FRESH,
+        TaskRefused: _S.FRESH,
+    },
+    _S.MAKING_KEY: {
+        KeyReady: _S.KEY_READY,
+        StorageFailed: _S.FRESH,
+        LinkUp: _S.MAKING_KEY,
+        LinkDown: _S.MAKING_KEY,
+    },
+    _S.KEY_READY: {
+        Start: _S.REQUEST_SENT,
+        Persisted: _S.REQUEST_SENT,
+        StorageFailed: _S.FRESH,
+        LinkUp: _S.KEY_READY,
+        LinkDown: _S.KEY_READY,
+    },
+    _S.REQUEST_SENT: {
+        TimerFired: _S.REQUEST_SENT,
+        Persisted: _S.REQUEST_SENT,
+        StorageFailed: _S.REQUEST_SENT,
+        FragmentHeld: _S.RECEIVING,
+        CertificateVerified: _S.STORING,
+        DeliveryFailed: _S.WAITING_RETRY,
+        TaskRefused: _S.REQUEST_SENT,
+        LinkUp: _S.REQUEST_SENT,
+        LinkDown: _S.REQUEST_SENT,
+    },
+    _S.RECEIVING: {
+        TimerFired: _S.REQUEST_SENT,
+        FragmentHeld: _S.RECEIVING,
+        CertificateVerified: _S.STORING,
+        DeliveryFailed: _S.WAITING_RETRY,
+        TaskRefused: _S.RECEIVING,
+        LinkUp: _S.RECEIVING,
+        LinkDown: _S.RECEIVING,
+    },
+    _S.STORING: {
+        CredentialsStored: _S.PROVISIONED,
+        StorageFailed: _S.WAITING_RETRY,
+        LinkUp: _S.STORING,
+        LinkDown: _S.STORING,
+    },
+    _S.PROVISIONED: {
+        Start: _S.PROVISIONED,
+        Persisted: _S.PROVISIONED,
+        StorageFailed: _S.PROVISIONED,
+        TaskRepeated: _S.PROVISIONED,
+        TaskRefused: _S.PROVISIONED,
+        LinkUp: _S.PROVISIONED,
+        LinkDown: _S.PROVISIONED,
+    },
+    _S.WAITING_RETRY: {
+        Start: _S.WAITING_RETRY,
+        TimerFired: _S.REQUEST_SENT,
+        Persisted: _S.WAITING_RETRY,
+        StorageFailed: _S.WAITING_RETRY,
+        FragmentHeld: _S.RECEIVING,
+        CertificateVerified: _S.STORING,
+        DeliveryFailed: _S.WAITING_RETRY,
+        TaskRefused: _S.WAITING_RETRY,
+        LinkUp: _S.WAITING_RETRY,
+        LinkDown: _S.WAITING_RETRY,
+    },
+}
+
+_OUTCOMES: tuple[type[Event], ...] = (
+    FragmentHeld,
+    CertificateVerified,
+    DeliveryFailed,
+    TaskRefused,
+    TaskRepeated,
+)
+_COMPLETIONS: Mapping[type[Event], type[Action]] = {
+    KeyReady: MakeKey,
+    Persisted: Persist,
+    CredentialsStored: StoreCredentials,
+}
+_LINK_BOUND = (PublishRequest, AckTask, ReportStatus)
+# States in which a delivery for our request can be accepted.
+_AWAITING_DELIVERY = frozenset({State.REQUEST_SENT, State.RECEIVING, State.WAITING_RETRY})
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    """What the machine needs to know beyond its events.
+
+    Attributes:
+        serial: the gateway's serial (the CSR's CN, checked against the certificate's CN).
+        delivery_timeout: seconds to wait for a delivery after the first send (60).
+        retry_cap: the longest wait between sends, seconds (1 h).
+        verify: the switchable certificate checks and the CA bundle.
+    """
+
+    serial: str
+    delivery_timeout: float = 60.0
+    retry_cap: float = 3600.0
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)
+
+    def __post_init__(self) -> None:
+        if not self.serial:
+            msg = "serial must not be empty"
+            raise ValueError(msg)
+        if not (0 < self.delivery_timeout <= self.retry_cap) or not math.isfinite(self.retry_cap):
+            msg = "need 0 < delivery_timeout <= retry_cap < inf"
+            raise ValueError(msg)
+
+
+class ProvisioningMachine:
+    """Decides each provisioning step; performs none (see the module's theory of operation).
+
+    Args:
+        config: serial, timings and verification policy.
+        decoder: turns ``ztp.deliver`` task params into deliveries.
+        rng: the source of jitter (seed it in tests).
+        record: the last stored record, to resume from; ``None`` for a fresh gateway.
+    """
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        *,
+        decoder: DeliveryDecoder,
+        rng: random.Random,
+        record: StateRecord | None = None,
+    ) -> None:
+        self._config = config
+        self._decoder = decoder
+        self._rng = rng
+        self._record = record
+        self._public_key: PublicKeyTypes | None = None
+        if record is None:
+            self._state = State.FRESH
+        else:
+            self._public_key = x509.load_pem_x509_csr(
+                record.csr_pem.strip().encode("ascii")
+            ).public_key()
+            # A request in flight when the daemon died is simply sent again on Start.
+            self._state = (
+                record.state
+                if record.state in {State.WAITING_RETRY, State.PROVISIONED}
+                else State.KEY_READY
+            )
+        self._started = False
+        self._link_up = False
+        self._timer_armed = False
+        self._awaiting: type[Action] | None = None
+        self._held: list[Action] = []
+        self._storing_uid: str | None = None
+        self._delivered_uids: set[str] = set()
+        self._pending_delivery: Delivery | None = None
+        self._local_failures = 0
+
+    # --- inspection ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The current state."""
+        return self._state
+
+    @property
+    def record(self) -> StateRecord | None:
+        """The latest record the machine asked to persist (``None`` before the key exists)."""
+        return self._record
+
+    @property
+    def link_up(self) -> bool:
+        """Whether the machine believes the AirVantage link is up."""
+        return self._link_up
+
+    def snapshot(self) -> tuple[object, ...]:
+        """Everything an event may change, for tests asserting that a refusal changed nothing."""
+        return (
+            self._state,
+            self._record,
+            self._started,
+            self._link_up,
+            self._timer_armed,
+            self._awaiting,
+            tuple(self._held),
+            self._storing_uid,
+            frozenset(self._delivered_uids),
+            self._pending_delivery,
+            self._local_failures,
+        )
+
+    # --- the one entry point -------------------------------------------------------------------
+
+    def handle(self, event: Input, *, now: float) -> list[Action]:
+        """Take one event and return the actions to perform, in order.
+
+        Args:
+            event: what happened (never an outcome event: those are the machine's own).
+            now: the current wall-clock time, epoch seconds.
+
+        Returns:
+            The actions to perform, in order (link-bound ones held while the link is down).
+
+        Raises:
+            IllegalTransitionError: the event is not legal now; nothing changed.
+            UsageError: ``now`` is not a finite number.
+        """
+        if not math.isfinite(now):
+            msg = "now must be a finite number of epoch seconds"
+            raise UsageError(msg)
+        if isinstance(event, _OUTCOMES):
+            self._refuse(event, "outcome events are the machine's own, not input")
+        self._check_guards(event)
+        if isinstance(event, TaskReceived):
+            # Interpretation knows the state, so the outcome it yields is always in the table.
+            step: Event = self._classify(event, now)
+        else:
+            step = event
+        target = self._target(step)
+        actions = self._apply(step, now)
+        self._state = target
+        return self._route(actions)
+
+    # --- guards --------------------------------------------------------------------------------
+
+    def _refuse(self, event: Event, reason: str = "not in the transition table") -> None:
+        raise IllegalTransitionError(self._state.name, type(event).__name__, reason)
+
+    def _target(self, event: Event) -> State:
+        target = TRANSITIONS[self._state].get(type(event))
+        if target is None:
+            self._refuse(event)
+            raise AssertionError  # pragma: no cover - _refuse always raises
+        return target
+
+    def _check_guards(self, event: Input) -> None:
+        if isinstance(event, Start):
+            if self._started:
+                self._refuse(event, "already started")
+            return
+        if not self._started and not isinstance(event, (LinkUp, LinkDown)):
+            self._refuse(event, "Start must come first")
+        expected = _COMPLETIONS.get(type(event))
+        if self._awaiting is not None:
+            if isinstance(event, (StorageFailed, LinkUp, LinkDown)) or expected is self._awaiting:
+                return
+            self._refuse(event, f"awaiting the completion of {self._awaiting.__name__}")
+        if expected is not None or isinstance(event, StorageFailed):
+            self._refuse(event, "no storage action is outstanding")
+        if isinstance(event, TimerFired) and not self._timer_armed:
+            self._refuse(event, "no timer is armed")
+
+    # --- task interpretation (pure, before the table) ------------------------------------------
+
+    # Each return is one outcome; splitting them up would hide the order of the checks.
+    def _classify(self, task: TaskReceived, now: float) -> Event:  # noqa: PLR0911
+        uid = task.uid
+        if task.command_id != DELIVER_COMMAND:
+            return TaskRefused(uid, _short(f"unknown command {task.command_id!r}"))
+        if self._state is State.PROVISIONED:
+            return self._classify_after_provisioning(task, now)
+        if self._state not in _AWAITING_DELIVERY:
+            return TaskRefused(uid, "no request outstanding")
+        record = self._require_record()
+        try:
+            result = self._decoder.feed(task.params, now=now)
+        except PeerError as exc:
+            return TaskRefused(uid, _short(f"{type(exc).__name__}: {exc}"))
+        match result:
+            case None:
+                return FragmentHeld(uid)
+            case Refusal(request_id=rid) if rid != record.request_id:
+                return TaskRefused(uid, "refusal for another request")
+            case Refusal(reason=reason):
+                return DeliveryFailed(
+                    uid, _short(f"refused by the cloud: {reason}"), verification=False
+                )
+            case Delivery(request_id=rid) if rid != record.request_id:
+                return TaskRefused(uid, "delivery for another request")
+            case Delivery() as delivery:
+                return self._verify(uid, delivery, now)
+        raise AssertionError  # pragma: no cover - the match is exhaustive
+
+    def _classify_after_provisioning(self, task: TaskReceived, now: float) -> Event:
+        if task.uid in self._delivered_uids:
+            return TaskRepeated(task.uid)
+        record = self._require_record()
+        try:
+            result = self._decoder.feed(task.params, now=now)
+        except PeerError:
+            result = None
+        if (
+            isinstance(result, Delivery)
+            and result.request_id == record.request_id
+            and result.certificate_id == record.certificate_id
+        ):
+            return TaskRepeated(task.uid)
+        return TaskRefused(task.uid, "already provisioned")
+
+    def _verify(self, uid: str, delivery: Delivery, now: float) -> Event:
+        if self._public_key is None:  # pragma: no cover - a record always brings the key
+            raise AssertionError
+        try:
+            verify_certificate(
+                delivery.certificate_pem,
+                endpoint=delivery.endpoint,
+                public_key=self._public_key,
+                serial=self._config.serial,
+                now=dt.datetime.fromtimestamp(now, dt.UTC),
+                policy=self._config.verify,
+            )
+        except VerificationError as exc:
+            return DeliveryFailed(uid, _short(f"{exc.reason}: {exc.detail}"), verification=True)
+        try:
+            _check_id("certificate_id", delivery.certificate_id)
+        except ValueError:
+            return DeliveryFailed(uid, "bad_certificate_id", verification=True)
+        return CertificateVerified(uid, delivery)
+
+    # --- effects -------------------------------------------------------------------------------
+
+    def _require_record(self) -> StateRecord:
+        if self._record is None:  # pragma: no cover - states past KEY_READY always have one
+            raise AssertionError
+        return self._record
+
+    def _retry_delay(self, attempt: int) -> float:
+        """The wait after the ``attempt``-th send (1-based): fixed first, then full jitter."""
+        timeout, cap = self._config.delivery_timeout, self._config.retry_cap
+        if attempt <= 1:
+            return timeout
+        ceiling = min(cap, timeout * 2.0 ** min(attempt - 1, 64))
+        return self._rng.uniform(0.0, ceiling)
+
+    def _persist(self, record: StateRecord) -> Action:
+        self._record = record
+        self._awaiting = Persist
+        return Persist(record)
+
+    def _schedule(self, delay: float) -> Action:
+        self._timer_armed = True
+        return ScheduleRetry(delay)
+
+    def _send(self) -> list[Action]:
+        """Send the request (again) and wait for a delivery."""
+        record = self._require_record()
+        attempts = record.attempts + 1
+        self._decoder.reset()
+        return [
+            PublishRequest(record.request_id, record.csr_pem, attempts),
+            self._schedule(self._retry_delay(attempts)),
+            self._persist(
+                replace(record, state=State.REQUEST_SENT, attempts=attempts, next_retry_at=None)
+            ),
+        ]
+
+    def _fail_delivery(self, reason: str, now: float) -> list[Action]:
+        """Wait with backoff, then send the same request again."""
+        record = self._require_record()
+        self._decoder.reset()
+        delay = self._retry_delay(record.attempts + 1)
+        return [
+            self._schedule(delay),
+            self._persist(
+                replace(
+                    record, state=State.WAITING_RETRY, next_retry_at=now + delay, last_error=reason
+                )
+            ),
+        ]
+
+    def _provisioned_actions(self, *, discard_key: bool, report: bool) -> list[Action]:
+        record = self._require_record()
+        if record.bundle_version is None or record.certificate_id is None:  # pragma: no cover
+            raise AssertionError
+        actions: list[Action] = [DiscardKey()] if discard_key else []
+        if report:
+            actions.append(
+                ReportStatus(
+                    record.request_id, provisioned=True, certificate_id=record.certificate_id
+                )
+            )
+        actions.append(StartPublisher(record.bundle_version))
+        return actions
+
+    # A flat dispatch, one branch per event type, reads like the table it follows.
+    def _apply(self, event: Event, now: float) -> list[Action]:  # noqa: PLR0911, PLR0912
+        # One branch per event type; the table has already said the move is legal.
+        if isinstance(event, (KeyReady, Persisted, CredentialsStored, StorageFailed)):
+            self._awaiting = None
+        match event:
+            case Start():
+                return self._on_start(now)
+            case LinkUp():
+                self._link_up = True
+                held, self._held = self._held, []
+                return held
+            case LinkDown():
+                self._link_up = False
+                return []
+            case TimerFired():
+                self._timer_armed = False
+                if self._state is State.FRESH:
+                    self._awaiting = MakeKey
+                    return [MakeKey()]
+                return self._send()
+            case KeyReady(csr_pem=csr_pem):
+                self._public_key = event.public_key
+                csr = csr_pem.strip() + "\n"
+                return [self._persist(StateRecord(State.KEY_READY, request_id_for(csr), csr))]
+            case Persisted():
+                if self._state is State.KEY_READY:
+                    return self._send()
+                if self._state is State.PROVISIONED:
+                    return self._provisioned_actions(discard_key=True, report=True)
+                return []
+            case StorageFailed(reason=reason):
+                return self._on_storage_failed(reason, now)
+            case CredentialsStored(version=version):
+                return self._on_credentials_stored(version)
+            case _:
+                return self._on_outcome(event, now)
+
+    def _on_start(self, now: float) -> list[Action]:
+        self._started = True
+        match self._state:
+            case State.FRESH:
+                self._awaiting = MakeKey
+                return [MakeKey()]
+            case State.KEY_READY:
+                return self._send()
+            case State.WAITING_RETRY:
+                record = self._require_record()
+                due = record.next_retry_at if record.next_retry_at is not None else now
+                return [self._schedule(max(0.0, due - now))]
+            case _:
+                # Resumed provisioned: the report went out before; a leftover pending key goes now.
+                return self._provisioned_actions(discard_key=True, report=False)
+
+    def _on_storage_failed(self, reason: str, now: float) -> list[Action]:
+        match self._state:
+            case State.MAKING_KEY | State.KEY_READY:
+                # Nothing was sent yet: start again from the key after a pause.
+                self._record = None
+                self._public_key = None
+                self._local_failures += 1
+                return [self._schedule(self._retry_delay(self._local_failures + 1))]
+            case State.STORING:
+                uid, self._storing_uid = self._storing_uid, None
+                self._pending_delivery = None
+                message = _short(f"storage failed: {reason}")
+                acks: list[Action] = (
+                    [] if uid is None else [AckTask(uid, ok=False, message=message)]
+                )
+                return acks + self._fail_delivery(message, now)
+            case State.PROVISIONED:
+                # The bundle is committed, only its record is missing: run on it, keep the key
+                # (a restart re-sends the request and the bundle store recognises the repeat).
+                return self._provisioned_actions(discard_key=False, report=True)
+            case _:
+                # A record of a send or a wait was lost; the timer is armed, so carry on.
+                return []
+
+    def _on_credentials_stored(self, version: int) -> list[Action]:
+        delivery = self._pending_delivery
+        if delivery is None:  # pragma: no cover - set on entering STORING
+            raise AssertionError
+        uid, self._storing_uid = self._storing_uid, None
+        if uid is not None:
+            self._delivered_uids.add(uid)
+        self._pending_delivery = None
+        record = replace(
+            self._require_record(),
+            state=State.PROVISIONED,
+            next_retry_at=None,
+            bundle_version=version,
+            certificate_id=delivery.certificate_id,
+        )
+        # The task is acked only now: a daemon killed while storing gets it delivered again.
+        acks: list[Action] = [] if uid is None else [AckTask(uid, ok=True)]
+        return [*acks, self._persist(record)]
+
+    def _on_outcome(self, event: Event, now: float) -> list[Action]:
+        match event:
+            case FragmentHeld(uid=uid):
+                return [AckTask(uid, ok=True)]
+            case CertificateVerified(uid=uid, delivery=delivery):
+                self._timer_armed = False
+                self._storing_uid = uid
+                self._pending_delivery = delivery
+                self._awaiting = StoreCredentials
+                self._decoder.reset()
+                return [
+                    CancelRetry(),
+                    StoreCredentials(
+                        delivery.request_id,
+                        delivery.certificate_id,
+                        delivery.endpoint,
+                        delivery.certificate_pem,
+                    ),
+                ]
+            case DeliveryFailed(uid=uid, reason=reason, verification=verification):
+                record = self._require_record()
+                if verification:
+                    head: list[Action] = [
+                        AckTask(uid, ok=False, message=reason),
+                        ReportStatus(record.request_id, provisioned=False, reason=reason),
+                    ]
+                else:
+                    # The task itself was fine: the cloud's answer was simply no.
+                    head = [AckTask(uid, ok=True)]
+                return head + self._fail_delivery(reason, now)
+            case TaskRefused(uid=uid, reason=reason):
+                return [AckTask(uid, ok=False, message=reason)]
+            case TaskRepeated(uid=uid):
+                return [AckTask(uid, ok=True)]
+        raise AssertionError(f"unhandled {type(event).__name__}")  # pragma: no cover
+
+    def _route(self, actions: list[Action]) -> list[Action]:
+        """Hold link-bound actions while the link is down; a newer request replaces an older."""
+        if self._link_up:
+            return actions
+        out: list[Action] = []
+        for action in actions:
+            if isinstance(action, _LINK_BOUND):
+                if isinstance(action, PublishRequest):
+                    self._held = [a for a in self._held if not isinstance(a, PublishRequest)]
+                self._held.append(action)
+            else:
+                out.append(action)
+        return out
