@@ -1,9 +1,11 @@
 """Helpers for tests against a real moto server: the server, clients, streams, lease tables.
 
-Stock moto in server mode, in a thread of the test process (``ThreadedMotoServer``), until the
-sandbox's fidelity layer (``sandbox/aws.py``) lands; the clients reach it over HTTP through
-aiobotocore, exactly as the daemon reaches AWS. Every helper takes unique names, so tests
-sharing one server do not see each other's streams and tables.
+Two servers: stock moto in a thread of the test process (``moto_server``: fast to start, right
+for DynamoDB conditional writes), and the project's sandbox (``sandbox_aws``: a child process with
+the AWS-fidelity layer, needed wherever Kinesis must behave like AWS: reshards, throttling,
+iterator expiry). Clients reach both over HTTP through aiobotocore, exactly as the daemon reaches
+AWS. Every helper takes unique names, so tests sharing one server do not see each other's
+streams and tables.
 
 Test modules wrap these in their own fixtures (fixtures imported from another module confuse
 linters about redefinitions).
@@ -15,17 +17,22 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from moto.server import ThreadedMotoServer
 
+from sandbox.aws import MotoSandbox
+from sandbox.pki import SandboxPki
+
 __all__ = [
     "aws_client",
     "create_stream",
     "moto_server",
     "put_records",
+    "sandbox_aws",
     "unique_name",
 ]
 
@@ -79,8 +86,13 @@ async def create_stream(kinesis: Any, name: str, shards: int) -> list[str]:
 
 async def put_records(
     kinesis: Any, name: str, items: list[tuple[str, bytes]], *, chunk: int = 500
-) -> None:
-    """Put ``(partition key, data)`` pairs in order, ``chunk`` per PutRecords call."""
+) -> list[int]:
+    """Put ``(partition key, data)`` pairs in order, ``chunk`` per PutRecords call.
+
+    Returns:
+        The sequence numbers, in the order of ``items``.
+    """
+    sequences: list[int] = []
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
         answer = await kinesis.put_records(
@@ -88,3 +100,13 @@ async def put_records(
         )
         if answer.get("FailedRecordCount"):
             raise AssertionError(f"moto refused {answer['FailedRecordCount']} records")
+        sequences.extend(int(r["SequenceNumber"]) for r in answer["Records"])
+    return sequences
+
+
+@asynccontextmanager
+async def sandbox_aws(directory: Path) -> AsyncIterator[MotoSandbox]:
+    """The project's moto sandbox (a child process, fidelity layer on) under ``directory``."""
+    pki = SandboxPki.load_or_create(directory / "pki")
+    async with MotoSandbox(directory / "aws", pki=pki) as aws:
+        yield aws

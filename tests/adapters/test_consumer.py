@@ -1,0 +1,729 @@
+"""The Kinesis consumer: pure decisions, then real reads against the moto sandbox.
+
+The sandbox (``sandbox.aws.MotoSandbox``) runs with its AWS-fidelity layer: closed shards end
+and name their children, writes go only to open shards, GetRecords is throttled past its quota
+and iterators expire when the knobs say so. One sandbox per module, reset before each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from cloud_daemon.consumer import (
+    ConsumerConfig,
+    Handler,
+    RecordFailure,
+    ShardBatch,
+    StartPosition,
+    StreamConsumer,
+    StreamRecord,
+    backoff_delay,
+    failure_verdict,
+    next_poll_delay,
+)
+from cloud_daemon.deadletter import JsonLinesDeadLetter, MemoryDeadLetter
+from cloud_daemon.errors import AwsTransportError
+from cloud_daemon.leases import (
+    DynamoLeaseStore,
+    Lease,
+    LeaseStore,
+    MemoryLeaseStore,
+    SqliteLeaseStore,
+    create_lease_table,
+)
+from sandbox.aws import MotoSandbox
+from shared.errors import ConfigError, DecodeError, UsageError
+from tests.adapters import kinesis_fixtures as kf
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def fast_config(stream: str, worker: str = "w1", **changes: Any) -> ConsumerConfig:
+    """Settings scaled down so a test takes seconds, not minutes."""
+    settings: dict[str, Any] = {
+        "stream_name": stream,
+        "worker_id": worker,
+        "poll_interval": 0.2,
+        "max_idle_wait": 0.4,
+        "discovery_interval": 0.3,
+        "lease_duration": 3.0,
+        "renew_interval": 0.5,
+        "retry_backoff": 0.01,
+        "retry_backoff_cap": 0.05,
+        "throttle_backoff": 0.05,
+        "throttle_backoff_cap": 0.4,
+        "drain_timeout": 5.0,
+    }
+    settings.update(changes)
+    return ConsumerConfig(**settings)
+
+
+# --- pure decisions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [(0, 0.5, 0.05), (3, 1.0, 0.8), (10, 1.0, 5.0), (10_000, 0.25, 1.25), (2, 0.0, 0.0)],
+)
+def test_backoff_is_full_jitter_under_a_cap(attempt: int, rand: float, expected: float) -> None:
+    assert backoff_delay(attempt, base=0.1, cap=5.0, rand=rand) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("previous", "got", "behind", "expected"),
+    [
+        (0.2, True, 0, 0.2),  # records came: keep the fastest legal pace
+        (0.8, False, 500, 0.2),  # behind the tip: keep reading fast
+        (0.2, False, 0, 0.4),  # caught up and idle: back off...
+        (0.4, False, 0, 0.8),
+        (0.8, False, 0, 1.0),  # ...up to max_idle_wait
+        (0.8, False, None, 1.0),
+    ],
+)
+def test_poll_pacing_adapts_to_idle_shards(
+    previous: float, got: bool, behind: int | None, expected: float
+) -> None:
+    config = ConsumerConfig(stream_name="s", worker_id="w", max_idle_wait=1.0)
+    assert next_poll_delay(
+        previous, got_records=got, millis_behind=behind, config=config
+    ) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "age", "verdict"),
+    [
+        (1, 10, None),
+        (2, 10, None),
+        (3, 10, "retry budget spent (3 attempts)"),
+        (1, 61, "older than max_record_age (61.0 s > 60 s)"),
+    ],
+)
+def test_failure_verdict(attempts: int, age: float, verdict: str | None) -> None:
+    config = ConsumerConfig(stream_name="s", worker_id="w", retry_attempts=3, max_record_age=60)
+    now = T0 + dt.timedelta(seconds=age)
+    assert failure_verdict(attempts=attempts, arrival=T0, now=now, config=config) == verdict
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"stream_name": ""}, "consumer.stream_name"),
+        ({"poll_interval": 0.1}, "consumer.poll_interval"),  # would break 5 calls/s per shard
+        ({"batch_limit": 10_001}, "consumer.batch_limit"),
+        ({"start": StartPosition.AT_TIMESTAMP}, "consumer.start_timestamp"),
+        ({"max_idle_wait": 0.1}, "consumer.max_idle_wait"),
+        ({"retry_attempts": 0}, "consumer.retry_attempts"),
+        ({"renew_interval": 10.0}, "consumer.renew_interval"),
+        ({"max_record_age": 0}, "consumer.max_record_age"),
+    ],
+)
+def test_config_validates_when_built(changes: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ConsumerConfig(**({"stream_name": "s", "worker_id": "w"} | changes))
+    assert caught.value.key == key
+
+
+def record(seq: int, shard: str = "s0") -> StreamRecord:
+    return StreamRecord(shard, seq, "k", b"x", T0)
+
+
+def test_batch_validates_order_and_shard() -> None:
+    with pytest.raises(UsageError):
+        ShardBatch("s", "s0", ())
+    with pytest.raises(UsageError):
+        ShardBatch("s", "s0", (record(2), record(10), record(9)))
+    with pytest.raises(UsageError):
+        ShardBatch("s", "s0", (record(1, "s1"),))
+    assert len(ShardBatch("s", "s0", (record(9), record(10))).records) == 2
+
+
+def test_record_from_aws_uses_integer_sequence_numbers() -> None:
+    parsed = StreamRecord.from_aws(
+        "s0",
+        {
+            "SequenceNumber": "49590338271490256608559692538361571095921575989136588898",
+            "ApproximateArrivalTimestamp": T0,
+            "Data": b"{}",
+            "PartitionKey": "k",
+        },
+    )
+    assert parsed.sequence_number == 49590338271490256608559692538361571095921575989136588898
+    with pytest.raises(DecodeError):
+        StreamRecord.from_aws("s0", {"SequenceNumber": "1", "Data": b"", "PartitionKey": "k"})
+
+
+# --- against the sandbox -------------------------------------------------------------------
+
+sandboxed = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def moto_sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MotoSandbox]:
+    async with kf.sandbox_aws(tmp_path_factory.mktemp("consumer-aws")) as sandbox:
+        yield sandbox
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def aws(moto_sandbox: MotoSandbox) -> MotoSandbox:
+    await moto_sandbox.reset()
+    return moto_sandbox
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def kinesis(aws: MotoSandbox) -> AsyncIterator[Any]:
+    async with kf.aws_client("kinesis", aws.endpoint_url) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def dynamodb(aws: MotoSandbox) -> AsyncIterator[Any]:
+    async with kf.aws_client("dynamodb", aws.endpoint_url) as client:
+        yield client
+
+
+@dataclass(frozen=True)
+class Seen:
+    worker: str
+    shard: str
+    seq: int
+    key: str
+    data: bytes
+    at: float
+
+
+@dataclass
+class Recorder:
+    """Collects what handlers accepted; wakes waiters on every batch (no polling)."""
+
+    seen: list[Seen] = field(default_factory=list)
+    batches: list[ShardBatch] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def handler(
+        self,
+        worker: str = "w1",
+        *,
+        fail: Callable[[StreamRecord], str | None] | None = None,
+        raises: Callable[[StreamRecord], bool] | None = None,
+        delay: float = 0.0,
+    ) -> Handler:
+        """A handler that accepts records in order; ``fail`` names a failing record (partial
+        failure), ``raises`` makes the whole batch raise, ``delay`` makes it slow."""
+
+        async def handle(batch: ShardBatch) -> RecordFailure | None:
+            self.batches.append(batch)
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                if raises is not None and any(raises(r) for r in batch.records):
+                    raise ValueError("poison pill")
+                for r in batch.records:
+                    reason = fail(r) if fail is not None else None
+                    if reason is not None:
+                        return RecordFailure(r.sequence_number, reason)
+                    self.seen.append(
+                        Seen(
+                            worker,
+                            r.shard_id,
+                            r.sequence_number,
+                            r.partition_key,
+                            r.data,
+                            time.monotonic(),
+                        )
+                    )
+                return None
+            finally:
+                self.changed.set()
+
+        return handle
+
+    def sequences(self, worker: str | None = None) -> list[int]:
+        return [s.seq for s in self.seen if worker is None or s.worker == worker]
+
+    async def wait_for(self, expected: set[int], within: float = 20.0) -> None:
+        async with asyncio.timeout(within):
+            while not expected <= set(self.sequences()):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+class Ownership:
+    """Follows several consumers' owned shards through their change callbacks."""
+
+    def __init__(self) -> None:
+        self.owned: dict[str, frozenset[str]] = {}
+        self.changed = asyncio.Event()
+
+    def callback(self, worker: str) -> Callable[[frozenset[str]], None]:
+        def changed(shards: frozenset[str]) -> None:
+            self.owned[worker] = shards
+            self.changed.set()
+
+        return changed
+
+    async def wait(
+        self, predicate: Callable[[dict[str, frozenset[str]]], bool], within: float
+    ) -> float:
+        started = time.monotonic()
+        async with asyncio.timeout(within):
+            while not predicate(self.owned):
+                self.changed.clear()
+                await self.changed.wait()
+        return time.monotonic() - started
+
+
+def items(count: int, keys: int, prefix: str = "r") -> list[tuple[str, bytes]]:
+    return [(f"key-{i % keys}", f"{prefix}-{i}".encode()) for i in range(count)]
+
+
+def assert_in_order_per_shard(seen: list[Seen]) -> None:
+    """First deliveries of each shard come in increasing sequence order."""
+    first: dict[int, Seen] = {}
+    for s in seen:
+        first.setdefault(s.seq, s)
+    by_shard: dict[str, list[int]] = {}
+    for s in first.values():
+        by_shard.setdefault(s.shard, []).append(s.seq)
+    for shard, seqs in by_shard.items():
+        assert seqs == sorted(seqs), shard
+
+
+@sandboxed
+async def test_consumes_every_record_in_order_and_resumes_from_checkpoints(
+    kinesis: Any, tmp_path: Path
+) -> None:
+    stream = kf.unique_name("basic")
+    shards = await kf.create_stream(kinesis, stream, 3)
+    first = await kf.put_records(kinesis, stream, items(300, 20))
+    recorder = Recorder()
+    dead = MemoryDeadLetter()
+    async with SqliteLeaseStore(tmp_path / "leases.sqlite3") as store:
+        config = fast_config(stream)
+        async with StreamConsumer(
+            kinesis=kinesis,
+            leases=store,
+            handler=recorder.handler(),
+            config=config,
+            dead_letter=dead,
+        ) as consumer:
+            await recorder.wait_for(set(first))
+            metrics = consumer.metrics()
+        assert sorted(recorder.sequences()) == sorted(first)  # each exactly once
+        assert_in_order_per_shard(recorder.seen)
+        assert sum(m.records for m in metrics.values()) == 300
+        assert set(metrics) == set(shards)
+        table = await store.list_leases()
+        for shard in shards:
+            mine = [s.seq for s in recorder.seen if s.shard == shard]
+            assert table[shard].checkpoint == max(mine)
+            assert table[shard].owner is None  # released on the way out
+        assert dead.letters == []
+
+        # A restart resumes after the checkpoints: only new records are handled.
+        second = await kf.put_records(kinesis, stream, items(60, 20, prefix="again"))
+        again = Recorder()
+        async with StreamConsumer(
+            kinesis=kinesis, leases=store, handler=again.handler(), config=config, dead_letter=dead
+        ):
+            await again.wait_for(set(second))
+        assert sorted(again.sequences()) == sorted(second)
+
+
+@sandboxed
+async def test_latest_start_reads_only_what_arrives_after(kinesis: Any) -> None:
+    stream = kf.unique_name("latest")
+    await kf.create_stream(kinesis, stream, 1)
+    await kf.put_records(kinesis, stream, items(20, 4, prefix="old"))
+    recorder = Recorder()
+    ownership = Ownership()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(),
+        config=fast_config(stream, start=StartPosition.LATEST),
+        dead_letter=MemoryDeadLetter(),
+        on_ownership_change=ownership.callback("w1"),
+    ):
+        await ownership.wait(lambda o: bool(o.get("w1")), within=10)
+        # The reader's first iterator is taken as it starts; give it one poll to exist.
+        await asyncio.sleep(0.5)
+        new = await kf.put_records(kinesis, stream, items(10, 4, prefix="new"))
+        await recorder.wait_for(set(new))
+    assert sorted(recorder.sequences()) == sorted(new)
+
+
+@sandboxed
+async def test_split_and_merge_while_records_flow(kinesis: Any) -> None:
+    stream = kf.unique_name("reshard")
+    shards = await kf.create_stream(kinesis, stream, 2)
+    recorder = Recorder()
+    put: list[int] = []
+    order: dict[str, list[int]] = {}
+
+    async def produce(rounds: int) -> None:
+        for n in range(rounds):
+            batch = items(20, 10, prefix=f"p{n}")
+            sequences = await kf.put_records(kinesis, stream, batch)
+            put.extend(sequences)
+            for (key, _), seq in zip(batch, sequences, strict=True):
+                order.setdefault(key, []).append(seq)
+            await asyncio.sleep(0.03)
+
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(),
+        config=fast_config(stream, batch_limit=25),
+        dead_letter=MemoryDeadLetter(),
+    ) as consumer:
+        await produce(10)
+        listing = await kinesis.list_shards(StreamName=stream)
+        first = next(s for s in listing["Shards"] if s["ShardId"] == shards[0])
+        low = int(first["HashKeyRange"]["StartingHashKey"])
+        high = int(first["HashKeyRange"]["EndingHashKey"])
+        await kinesis.split_shard(
+            StreamName=stream, ShardToSplit=shards[0], NewStartingHashKey=str((low + high) // 2)
+        )
+        consumer.discover_now()
+        await produce(10)
+        listing = await kinesis.list_shards(StreamName=stream)
+        children = sorted(
+            s["ShardId"] for s in listing["Shards"] if s.get("ParentShardId") == shards[0]
+        )
+        # the upper child is adjacent to the second original shard: merge them
+        await kinesis.merge_shards(
+            StreamName=stream, ShardToMerge=children[1], AdjacentShardToMerge=shards[1]
+        )
+        await produce(10)
+        await recorder.wait_for(set(put), within=30)
+        metrics = consumer.metrics()
+
+    assert set(recorder.sequences()) == set(put)  # none skipped
+    first_seen: list[int] = []
+    known: set[int] = set()
+    for seq in recorder.sequences():
+        if seq not in known:
+            known.add(seq)
+            first_seen.append(seq)
+    position = {seq: i for i, seq in enumerate(first_seen)}
+    for key, sequences in order.items():
+        # parents before children: each key's records handled in the order they were put
+        handled = sorted(sequences, key=position.__getitem__)
+        assert handled == sequences, key
+    finished = {sid for sid, m in metrics.items() if m.finished}
+    assert finished == {shards[0], shards[1], children[1]}
+
+
+@sandboxed
+async def test_throttling_loses_nothing_and_consumption_continues(
+    kinesis: Any, aws: MotoSandbox
+) -> None:
+    stream = kf.unique_name("throttled")
+    await kf.create_stream(kinesis, stream, 2)
+    # One call per second per shard: our pace of five is throttled whenever data is waiting.
+    await aws.configure(kinesis_throttling=True, get_records_per_second=1)
+    put = await kf.put_records(kinesis, stream, items(120, 12))
+    recorder = Recorder()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(),
+        config=fast_config(stream, batch_limit=25),
+        dead_letter=MemoryDeadLetter(),
+    ) as consumer:
+        await recorder.wait_for(set(put), within=40)
+        metrics = consumer.metrics()
+    assert sorted(recorder.sequences()) == sorted(put)
+    assert_in_order_per_shard(recorder.seen)
+    assert sum(m.throttles for m in metrics.values()) > 0
+
+
+@sandboxed
+async def test_expired_iterators_are_replaced_from_the_checkpoint(
+    kinesis: Any, aws: MotoSandbox
+) -> None:
+    stream = kf.unique_name("expiry")
+    await kf.create_stream(kinesis, stream, 2)
+    await aws.configure(iterator_lifetime=0.4)
+    put = await kf.put_records(kinesis, stream, items(160, 12))
+    recorder = Recorder()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        # slower than the iterator lifetime: the next iterator has expired when it is used
+        handler=recorder.handler(delay=0.5),
+        config=fast_config(stream, batch_limit=40),
+        dead_letter=MemoryDeadLetter(),
+    ) as consumer:
+        await recorder.wait_for(set(put), within=40)
+        metrics = consumer.metrics()
+    assert sorted(recorder.sequences()) == sorted(put)  # nothing lost, nothing repeated
+    assert_in_order_per_shard(recorder.seen)
+    assert sum(m.iterator_refreshes for m in metrics.values()) >= 4
+
+
+@sandboxed
+async def test_a_poison_record_is_retried_then_dead_lettered_and_the_shard_moves_on(
+    kinesis: Any, tmp_path: Path
+) -> None:
+    stream = kf.unique_name("poison")
+    await kf.create_stream(kinesis, stream, 1)
+    batch = items(60, 5)
+    batch[37] = ("key-poison", b"poison")
+    put = await kf.put_records(kinesis, stream, batch)
+    poison = put[37]
+    recorder = Recorder()
+    sink = JsonLinesDeadLetter(tmp_path / "dead.jsonl")
+    store = MemoryLeaseStore()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=store,
+        handler=recorder.handler(raises=lambda r: r.data == b"poison"),
+        config=fast_config(stream, retry_attempts=3),
+        dead_letter=sink,
+    ) as consumer:
+        await recorder.wait_for(set(put) - {poison})
+        await asyncio.sleep(0.3)  # the checkpoint follows the handler
+        metrics = consumer.metrics()
+    lines = (tmp_path / "dead.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    letter = json.loads(lines[0])
+    assert letter["sequence_number"] == str(poison)
+    assert letter["attempts"] == 3
+    assert "retry budget spent" in letter["reason"]
+    assert "ValueError: poison pill" in letter["reason"]
+    assert letter["data_base64"] == "cG9pc29u"
+    assert (tmp_path / "dead.jsonl").stat().st_mode & 0o777 == 0o600
+    assert poison not in recorder.sequences()
+    assert set(recorder.sequences()) == set(put) - {poison}  # never a silent skip
+    (only,) = metrics.values()
+    assert only.dead_lettered == 1
+    assert store.rows[only.shard_id].checkpoint == put[-1]  # moved past the poison
+
+
+@sandboxed
+async def test_a_named_record_failure_is_retried_without_repeating_its_predecessors(
+    kinesis: Any,
+) -> None:
+    stream = kf.unique_name("partial")
+    await kf.create_stream(kinesis, stream, 1)
+    put = await kf.put_records(kinesis, stream, items(30, 3))
+    flaky = put[12]
+    failures = {flaky: 2}
+
+    def fail(r: StreamRecord) -> str | None:
+        if failures.get(r.sequence_number, 0) > 0:
+            failures[r.sequence_number] -= 1
+            return "AirVantage busy"
+        return None
+
+    recorder = Recorder()
+    dead = MemoryDeadLetter()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(fail=fail),
+        config=fast_config(stream, retry_attempts=3),
+        dead_letter=dead,
+    ):
+        await recorder.wait_for(set(put))
+    assert recorder.sequences() == put  # each once, in order
+    assert dead.letters == []
+
+
+@sandboxed
+async def test_a_failing_record_past_its_maximum_age_is_dead_lettered_at_once(
+    kinesis: Any,
+) -> None:
+    stream = kf.unique_name("aged")
+    await kf.create_stream(kinesis, stream, 1)
+    put = await kf.put_records(kinesis, stream, items(5, 1))
+    recorder = Recorder()
+    dead = MemoryDeadLetter()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(fail=lambda r: "broken" if r.sequence_number == put[2] else None),
+        config=fast_config(stream, retry_attempts=10, max_record_age=60),
+        dead_letter=dead,
+        clock=lambda: time.time() + 3600,  # every record is an hour old
+    ):
+        await recorder.wait_for(set(put) - {put[2]})
+    (letter,) = dead.letters
+    assert (letter.sequence_number, letter.attempts) == (put[2], 1)
+    assert letter.reason.startswith("older than max_record_age")
+
+
+class Partitionable(LeaseStore):
+    """A real lease store that can be cut off, as a crashed or partitioned worker is."""
+
+    def __init__(self, inner: LeaseStore) -> None:
+        self.inner = inner
+        self.cut = False
+
+    def _check(self, operation: str) -> None:
+        if self.cut:
+            raise AwsTransportError(operation, "partitioned by the test")
+
+    async def list_leases(self) -> dict[str, Lease]:
+        self._check("Scan")
+        return await self.inner.list_leases()
+
+    async def acquire(self, shard_id: str, **kwargs: Any) -> Lease:  # type: ignore[override]
+        self._check("PutItem")
+        return await self.inner.acquire(shard_id, **kwargs)
+
+    async def renew(self, shard_id: str, **kwargs: Any) -> Lease:  # type: ignore[override]
+        self._check("UpdateItem")
+        return await self.inner.renew(shard_id, **kwargs)
+
+    async def checkpoint(self, shard_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        self._check("UpdateItem")
+        await self.inner.checkpoint(shard_id, **kwargs)
+
+    async def get_checkpoint(self, shard_id: str) -> int | None:
+        self._check("GetItem")
+        return await self.inner.get_checkpoint(shard_id)
+
+    async def mark_finished(self, shard_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        self._check("UpdateItem")
+        await self.inner.mark_finished(shard_id, **kwargs)
+
+    async def release(self, shard_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        self._check("UpdateItem")
+        await self.inner.release(shard_id, **kwargs)
+
+
+@pytest.fixture
+def balanced() -> Callable[[dict[str, frozenset[str]]], bool]:
+    def check(owned: dict[str, frozenset[str]]) -> bool:
+        a, b = owned.get("a", frozenset()), owned.get("b", frozenset())
+        return len(a) == 2 and len(b) == 2 and not a & b
+
+    return check
+
+
+@sandboxed
+async def test_two_consumers_share_the_lease_table_and_one_takes_over_after_a_crash(
+    kinesis: Any, dynamodb: Any, balanced: Callable[[dict[str, frozenset[str]]], bool]
+) -> None:
+    stream = kf.unique_name("pair")
+    shards = await kf.create_stream(kinesis, stream, 4)
+    table = kf.unique_name("leases")
+    await create_lease_table(dynamodb, table)
+    dynamo = DynamoLeaseStore(dynamodb, table)
+    store_a = Partitionable(dynamo)
+    recorder = Recorder()
+    ownership = Ownership()
+    lease_duration = 2.0
+
+    def consumer(worker: str, store: LeaseStore) -> StreamConsumer:
+        return StreamConsumer(
+            kinesis=kinesis,
+            leases=store,
+            handler=recorder.handler(worker),
+            config=fast_config(stream, worker, lease_duration=lease_duration),
+            dead_letter=MemoryDeadLetter(),
+            on_ownership_change=ownership.callback(worker),
+        )
+
+    async with consumer("b", dynamo), consumer("a", store_a):
+        await ownership.wait(balanced, within=15)
+        put = await kf.put_records(kinesis, stream, items(200, 16))
+        await recorder.wait_for(set(put))
+        a_shards = ownership.owned["a"]
+        # Exclusive ownership in the table too.
+        rows = await dynamo.list_leases()
+        assert {sid for sid, r in rows.items() if r.owner == "a"} == a_shards
+        assert {sid for sid, r in rows.items() if r.owner == "b"} == set(shards) - a_shards
+        # "a" dies: it can no longer reach the lease table (nor release anything).
+        store_a.cut = True
+        checkpoints = {sid: rows[sid].checkpoint for sid in a_shards}
+        more = await kf.put_records(kinesis, stream, items(100, 16, prefix="late"))
+        took = await ownership.wait(lambda o: len(o.get("b", ())) == 4, within=15)
+        await recorder.wait_for(set(more))
+        assert ownership.owned["a"] == frozenset()  # "a" stopped reading once its leases lapsed
+    # "b" took over within the lease expiry (plus a discovery round and a renewal period)
+    assert took < lease_duration + 0.3 + 0.5 + 1.0
+    assert set(recorder.sequences()) == set(put) | set(more)
+    by_b = [s for s in recorder.seen if s.worker == "b" and s.shard in a_shards]
+    for shard, checkpoint in checkpoints.items():
+        taken = [s.seq for s in by_b if s.shard == shard]
+        # "b" resumed right after "a"'s last checkpoint: what repeats is only what came after
+        assert checkpoint is None or min(taken, default=checkpoint + 1) > checkpoint
+    repeated = {s.seq for s in recorder.seen if s.worker == "a"} & {s.seq for s in by_b}
+    last = {s.seq: s.shard for s in recorder.seen}
+    for seq in repeated:
+        checkpoint = checkpoints[last[seq]]
+        assert checkpoint is None or seq > checkpoint
+
+
+@sandboxed
+async def test_graceful_hand_off_repeats_nothing(
+    kinesis: Any, dynamodb: Any, balanced: Callable[[dict[str, frozenset[str]]], bool]
+) -> None:
+    stream = kf.unique_name("handoff")
+    await kf.create_stream(kinesis, stream, 4)
+    table = kf.unique_name("leases")
+    await create_lease_table(dynamodb, table)
+    store = DynamoLeaseStore(dynamodb, table)
+    recorder = Recorder()
+    ownership = Ownership()
+    lease_duration = 5.0
+
+    def consumer(worker: str) -> StreamConsumer:
+        return StreamConsumer(
+            kinesis=kinesis,
+            leases=store,
+            handler=recorder.handler(worker),
+            config=fast_config(stream, worker, lease_duration=lease_duration, renew_interval=1.0),
+            dead_letter=MemoryDeadLetter(),
+            on_ownership_change=ownership.callback(worker),
+        )
+
+    put: list[int] = []
+    async with consumer("b"):
+        async with consumer("a"):
+            await ownership.wait(balanced, within=15)
+            put += await kf.put_records(kinesis, stream, items(200, 16))
+            await recorder.wait_for(set(put))
+            put += await kf.put_records(kinesis, stream, items(100, 16, prefix="mid"))
+        # "a" left the block (SIGTERM in production): it checkpointed and released its leases
+        took = await ownership.wait(lambda o: len(o.get("b", ())) == 4, within=10)
+        put += await kf.put_records(kinesis, stream, items(100, 16, prefix="after"))
+        await recorder.wait_for(set(put))
+    assert took < lease_duration  # released leases are taken at once, not after expiry
+    assert sorted(recorder.sequences()) == sorted(put)  # every record exactly once
+
+
+@pytest.fixture
+def memory_store() -> MemoryLeaseStore:
+    return MemoryLeaseStore()
+
+
+@sandboxed
+async def test_a_missing_stream_ends_the_consumer(
+    kinesis: Any, memory_store: MemoryLeaseStore
+) -> None:
+    recorder = Recorder()
+    with pytest.raises(ExceptionGroup) as caught:
+        async with StreamConsumer(
+            kinesis=kinesis,
+            leases=memory_store,
+            handler=recorder.handler(),
+            config=fast_config(kf.unique_name("absent")),
+            dead_letter=MemoryDeadLetter(),
+        ):
+            await asyncio.Event().wait()
+    (error,) = caught.value.exceptions
+    assert type(error).__name__ == "ResourceNotFoundError"
