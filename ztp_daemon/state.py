@@ -195,5 +195,9 @@ class StateFile:
             StorageError: the directory or the file cannot be written.
         """
         ensure_private_directory(self._directory)
+        # A daemon killed mid-write leaves its temporary file behind; the record itself is whole.
+        for leftover in self._directory.glob(f".{self._path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         atomic_write(self._path, record_to_json(record))
         _log.debug("state_saved", state=record.state.value, attempts=record.attempts)
