@@ -74,6 +74,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from shared.errors import PeerError, UsageError
+from shared.fragments import Completed, Reassembler, ReassemblyLimits
+from shared.messages import (
+    DELIVER_COMMAND,
+    CertificateDelivery,
+    Rejected,
+    decode_delivery,
+    fragments_from_params,
+    sanitize_reason,
+)
 from ztp_daemon.errors import IllegalTransitionError, VerificationError
 from ztp_daemon.verify import VerifyPolicy, verify_certificate
 
@@ -105,6 +114,7 @@ __all__ = [
     "Refusal",
     "ReportStatus",
     "ScheduleRetry",
+    "SharedCodecDecoder",
     "Start",
     "StartPublisher",
     "State",
@@ -118,7 +128,6 @@ __all__ = [
     "request_id_for",
 ]
 
-DELIVER_COMMAND = "ztp.deliver"
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_REASON_CHARS = 200
 
@@ -251,6 +260,42 @@ class DeliveryDecoder(abc.ABC):
     @abc.abstractmethod
     def reset(self) -> None:
         """Forget every partial transfer (a new request attempt starts clean)."""
+
+
+class SharedCodecDecoder(DeliveryDecoder):
+    """The production decoder: ``f01``.. params, :mod:`shared.fragments`, :mod:`shared.messages`.
+
+    A task normally carries every fragment of a delivery, but fragments may also be spread over
+    several tasks in any order; the reassembler holds them until the transfer completes.
+    :meth:`reset` (each new send of the request) starts a fresh reassembler, so a delivery the
+    cloud sends again under the same transfer id is decoded again rather than taken as a repeat.
+
+    Args:
+        limits: the reassembler's bounds (the defaults suit certificates).
+    """
+
+    def __init__(self, *, limits: ReassemblyLimits | None = None) -> None:
+        self._limits = limits
+        self._reassembler = Reassembler(limits=limits)
+
+    def feed(self, params: Mapping[str, object], *, now: float) -> Delivery | Refusal | None:
+        """Reassemble and decode; see :meth:`DeliveryDecoder.feed`."""
+        result: Delivery | Refusal | None = None
+        for text in fragments_from_params(params):
+            outcome = self._reassembler.receive(text, now=now)
+            if isinstance(outcome, Completed):
+                match decode_delivery(outcome.payload):
+                    case CertificateDelivery() as msg:
+                        result = Delivery(
+                            msg.request_id, msg.certificate_id, msg.endpoint, msg.certificate_pem
+                        )
+                    case Rejected() as msg:
+                        result = Refusal(msg.request_id, msg.reason)
+        return result
+
+    def reset(self) -> None:
+        """Start a fresh reassembler."""
+        self._reassembler = Reassembler(limits=self._limits)
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -999,7 +1044,10 @@ class ProvisioningMachine:
                 if verification:
                     head: list[Action] = [
                         AckTask(uid, ok=False, message=reason),
-                        ReportStatus(record.request_id, provisioned=False, reason=reason),
+                        # Fit for shared.messages.Rejected as it is.
+                        ReportStatus(
+                            record.request_id, provisioned=False, reason=sanitize_reason(reason)
+                        ),
                     ]
                 else:
                     # The task itself was fine: the cloud's answer was simply no.

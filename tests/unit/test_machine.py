@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from sandbox.pki import issue_certificate
 from shared.errors import DecodeError, UsageError
+from shared.messages import CertificateDelivery, Rejected, delivery_params
 from ztp_daemon.csr import CsrSubject, build_csr
 from ztp_daemon.errors import IllegalTransitionError
 from ztp_daemon.machine import (
@@ -54,6 +55,7 @@ from ztp_daemon.machine import (
     Refusal,
     ReportStatus,
     ScheduleRetry,
+    SharedCodecDecoder,
     Start,
     StartPublisher,
     State,
@@ -896,3 +898,85 @@ def test_outcome_names_are_table_columns() -> None:
     columns = {event for row in TRANSITIONS.values() for event in row}
     assert {FragmentHeld, CertificateVerified, DeliveryFailed, TaskRefused, TaskRepeated} <= columns
     assert TaskReceived not in columns
+
+
+# --- the production decoder: shared fragments and messages -----------------------------------
+
+
+def codec_machine(record_: StateRecord | None = None) -> ProvisioningMachine:
+    return ProvisioningMachine(
+        CONFIG, decoder=SharedCodecDecoder(), rng=random.Random(3), record=record_
+    )
+
+
+def codec_params(
+    message: CertificateDelivery | Rejected, transfer_id: str = "tx1", max_chars: int = 200
+) -> dict[str, str]:
+    return delivery_params(message, transfer_id=transfer_id, max_chars=max_chars)
+
+
+GOOD_DELIVERY = CertificateDelivery(REQUEST_ID, CERT_ID, ENDPOINT, GOOD_PEM)
+
+
+def test_shared_codec_delivery_in_one_task() -> None:
+    machine = codec_machine(record(State.REQUEST_SENT))
+    run(machine, LinkUp(), Start(), Persisted())
+    params = codec_params(GOOD_DELIVERY)
+    assert len(params) > 3
+    actions = run(machine, TaskReceived("u1", DELIVER_COMMAND, params))
+    assert actions == [CancelRetry(), StoreCredentials(REQUEST_ID, CERT_ID, ENDPOINT, GOOD_PEM)]
+
+
+def test_shared_codec_fragments_spread_over_tasks_in_any_order() -> None:
+    machine = codec_machine(record(State.REQUEST_SENT))
+    run(machine, LinkUp(), Start(), Persisted())
+    items = list(codec_params(GOOD_DELIVERY).items())
+    items.reverse()
+    *head, last = items
+    for n, (key, value) in enumerate(head):
+        assert run(machine, TaskReceived(f"u{n}", DELIVER_COMMAND, {key: value})) == [
+            AckTask(f"u{n}", ok=True)
+        ]
+        # A QoS 1 repeat of the same fragment is harmless.
+        run(machine, TaskReceived(f"u{n}", DELIVER_COMMAND, {key: value}))
+    assert machine.state is State.RECEIVING
+    actions = run(machine, TaskReceived("last", DELIVER_COMMAND, dict([last])))
+    assert types(actions) == [CancelRetry, StoreCredentials]
+
+
+def test_shared_codec_rejection_and_bad_input() -> None:
+    machine = codec_machine(record(State.REQUEST_SENT))
+    run(machine, LinkUp(), Start(), Persisted())
+    [ack] = run(machine, TaskReceived("x", DELIVER_COMMAND, {"cert1": "abc"}))
+    assert isinstance(ack, AckTask)
+    assert not ack.ok
+    assert ack.message is not None
+    assert ack.message.startswith("MessageError")
+    fragments = list(codec_params(GOOD_DELIVERY).values())
+    [ack] = run(machine, TaskReceived("y", DELIVER_COMMAND, {"f01": fragments[0][:-3] + "%%%"}))
+    assert not ack.ok  # type: ignore[union-attr]
+    actions = run(
+        machine,
+        TaskReceived("r", DELIVER_COMMAND, codec_params(Rejected(REQUEST_ID, "csr refused"), "t2")),
+    )
+    assert types(actions) == [AckTask, ScheduleRetry, Persist]
+    assert machine.state is State.WAITING_RETRY
+
+
+def test_shared_codec_same_delivery_is_decoded_again_after_a_resend() -> None:
+    """A delivery that failed once, sent again under the same transfer id, is verified again."""
+    bad = CertificateDelivery(REQUEST_ID, BAD_ID, ENDPOINT, WRONG_KEY_PEM)
+    machine = codec_machine(record(State.REQUEST_SENT))
+    run(machine, LinkUp(), Start(), Persisted())
+    assert types(run(machine, TaskReceived("b1", DELIVER_COMMAND, codec_params(bad)))) == [
+        AckTask,
+        ReportStatus,
+        ScheduleRetry,
+        Persist,
+    ]
+    run(machine, Persisted(), TimerFired(), Persisted())
+    actions = run(machine, TaskReceived("b2", DELIVER_COMMAND, codec_params(bad)))
+    assert types(actions) == [AckTask, ReportStatus, ScheduleRetry, Persist]
+    assert isinstance(actions[1], ReportStatus)
+    assert actions[1].reason is not None
+    Rejected(REQUEST_ID, actions[1].reason)  # the report's reason is a valid wire reason
