@@ -1,0 +1,1069 @@
+"""The durable outbox: messages waiting for a PUBACK, in SQLite (WAL) in the state directory.
+
+Theory of operation
+===================
+
+A message is *accepted* only once its row is committed; it is published at QoS 1 and its row is
+deleted only after the PUBACK. A crash (SIGKILL, power loss) therefore loses no accepted message:
+a message in flight when the process died is still on disk and is sent again (QoS 1 duplicates
+are allowed; the stable :attr:`StoredMessage.message_id` lets a consumer drop them).
+
+Two layers, as everywhere in the daemon:
+
+- :class:`OutboxCore` *(pure)* decides: sequence numbers, admission against the count and byte
+  bounds, the overflow policy (refuse, or drop the oldest queued), which message goes next, the
+  in-flight bound (100: AWS IoT's limit of unacknowledged QoS 1 messages). Each entry moves
+  through a small table (:data:`TRANSITIONS`)::
+
+      ACCEPTED --Committed--> QUEUED --Taken--> IN_FLIGHT --Acked--> (gone)
+      IN_FLIGHT --Released--> QUEUED          (the connection dropped before the PUBACK)
+      ACCEPTED/QUEUED --Dropped--> (gone)     (overflow policy DROP_OLDEST)
+
+- :class:`Outbox` does the I/O. Every SQLite call runs on one dedicated thread that owns the
+  connection, so commits (and their fsync) never block the event loop. The loop side gathers the
+  inserts and deletes of one loop turn into one request; the thread takes every request that has
+  arrived while it was busy and commits them in *one* transaction (group commit), then wakes the
+  callers of that transaction. Rows go in multi-row statements, so the thread re-takes the GIL
+  once per statement rather than once per row.
+
+Payloads stay in memory up to ``resident_bytes`` (the hot path never reads SQLite back); past that
+budget, and after a restart, they are read back from SQLite in batches just before sending.
+
+Durability: ``synchronous=FULL`` (the default) makes each commit durable before its callers are
+told "accepted"; WAL keeps the file consistent through power loss either way. ``NORMAL`` trades
+the last few commits before a power cut (never corruption) for fewer fsyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self, TypeVar
+
+import structlog
+
+from shared.errors import DecodeError, LimitExceededError, UsageError
+from ztp_daemon.errors import DeviceError, StorageError
+
+__all__ = [
+    "AWS_MAX_IN_FLIGHT",
+    "AWS_MAX_PAYLOAD_BYTES",
+    "TRANSITIONS",
+    "Admission",
+    "Durability",
+    "EntryState",
+    "Outbox",
+    "OutboxClosedError",
+    "OutboxCore",
+    "OutboxError",
+    "OutboxFullError",
+    "OutboxLimits",
+    "OutboxStats",
+    "OverflowPolicy",
+    "PayloadTooLargeError",
+    "StoredMessage",
+    "TopicError",
+    "check_topic",
+]
+
+AWS_MAX_PAYLOAD_BYTES: Final = 128 * 1024
+AWS_MAX_IN_FLIGHT: Final = 100
+_AWS_MAX_TOPIC_BYTES: Final = 256
+_AWS_MAX_TOPIC_SLASHES: Final = 7
+_INSERT_CHUNK: Final = 150  # rows per INSERT statement (5 parameters each)
+_DELETE_CHUNK: Final = 500
+_FETCH_BATCH: Final = 256
+
+_log = structlog.get_logger()
+
+T = TypeVar("T")
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class OutboxError(DeviceError):
+    """Base of the outbox's errors."""
+
+
+class OutboxFullError(OutboxError, LimitExceededError):
+    """The outbox is at its count or byte bound and the policy refuses new messages.
+
+    Back-pressure: the producer should retry later. ``limit_name`` is ``outbox_max_messages`` or
+    ``outbox_max_bytes``.
+    """
+
+
+class PayloadTooLargeError(OutboxError, LimitExceededError):
+    """A payload exceeds ``max_payload_bytes`` (AWS IoT: 128 KB)."""
+
+
+class TopicError(OutboxError, DecodeError):
+    """A topic is not one we may publish to (syntax, AWS limits, or outside the allowed prefix)."""
+
+
+class OutboxClosedError(OutboxError, UsageError):
+    """The outbox is not open (used before ``__aenter__`` or after ``__aexit__``)."""
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+class OverflowPolicy(enum.Enum):
+    """What a full outbox does with a new message."""
+
+    REFUSE = "refuse"
+    """Refuse it with :class:`OutboxFullError` (back-pressure); nothing already held is lost."""
+
+    DROP_OLDEST = "drop_oldest"
+    """Accept it and drop the oldest queued messages (not those in flight) to make room."""
+
+
+class Durability(enum.Enum):
+    """SQLite's ``synchronous`` setting for the outbox (WAL mode either way)."""
+
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLimits:
+    """The outbox's bounds.
+
+    Attributes:
+        max_messages: most messages held (queued and in flight).
+        max_bytes: most payload bytes held.
+        max_payload_bytes: largest payload accepted (AWS IoT: 128 KB).
+        max_in_flight: most messages published and not yet acked (AWS IoT: 100).
+        policy: what happens to a new message when the outbox is full.
+        resident_bytes: payload bytes kept in memory; the rest are read back from SQLite.
+    """
+
+    max_messages: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_payload_bytes: int = AWS_MAX_PAYLOAD_BYTES
+    max_in_flight: int = AWS_MAX_IN_FLIGHT
+    policy: OverflowPolicy = OverflowPolicy.REFUSE
+    resident_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1:
+            raise UsageError(f"max_messages must be >= 1, got {self.max_messages}")
+        if not 1 <= self.max_payload_bytes <= AWS_MAX_PAYLOAD_BYTES:
+            raise UsageError(
+                f"max_payload_bytes must be in 1..{AWS_MAX_PAYLOAD_BYTES}, "
+                f"got {self.max_payload_bytes}"
+            )
+        if self.max_bytes < self.max_payload_bytes:
+            raise UsageError(
+                f"max_bytes ({self.max_bytes}) must hold at least one largest payload "
+                f"({self.max_payload_bytes})"
+            )
+        if not 1 <= self.max_in_flight <= AWS_MAX_IN_FLIGHT:
+            raise UsageError(
+                f"max_in_flight must be in 1..{AWS_MAX_IN_FLIGHT}, got {self.max_in_flight}"
+            )
+        if self.resident_bytes < 0:
+            raise UsageError(f"resident_bytes must be >= 0, got {self.resident_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message taken from the outbox to be published.
+
+    Attributes:
+        seq: its sequence number in this outbox (what :meth:`Outbox.ack` takes).
+        message_id: a stable id, ``<outbox uid>-<seq>``, the same on every resend and across
+            restarts; consumers use it to drop QoS 1 duplicates.
+        topic: the MQTT topic.
+        payload: the payload bytes.
+        qos: always 1 today.
+    """
+
+    seq: int
+    message_id: str
+    topic: str
+    payload: bytes
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A snapshot of the outbox for health reports and metrics.
+
+    Attributes:
+        depth: messages held (queued, in flight, or being committed).
+        bytes: payload bytes held.
+        in_flight: messages published and waiting for their PUBACK.
+        dropped: messages dropped by the overflow policy since start.
+        refused: messages refused by a full outbox since start.
+        accepted: messages accepted since start.
+        acked: messages acknowledged (and deleted) since start.
+    """
+
+    depth: int
+    bytes: int
+    in_flight: int
+    dropped: int
+    refused: int
+    accepted: int
+    acked: int
+
+
+def check_topic(topic: str) -> None:
+    """Check that ``topic`` is a topic AWS IoT accepts for a publish.
+
+    Args:
+        topic: the topic name.
+
+    Raises:
+        TopicError: empty, wildcards, NUL, more than 256 UTF-8 bytes or more than 7 slashes.
+    """
+    if not topic:
+        raise TopicError("topic", "a non-empty topic", topic)
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise TopicError("topic", "no wildcards (+, #) and no NUL", topic)
+    if len(topic.encode()) > _AWS_MAX_TOPIC_BYTES:
+        raise TopicError("topic", f"at most {_AWS_MAX_TOPIC_BYTES} UTF-8 bytes", topic)
+    if topic.count("/") > _AWS_MAX_TOPIC_SLASHES:
+        raise TopicError("topic", f"at most {_AWS_MAX_TOPIC_SLASHES} '/' separators", topic)
+
+
+# -- the pure core -----------------------------------------------------------------------------
+
+
+class EntryState(enum.Enum):
+    """Where one message is in its life."""
+
+    ACCEPTED = "accepted"  # admitted, its row not yet committed
+    QUEUED = "queued"  # committed, waiting to be sent
+    IN_FLIGHT = "in_flight"  # published, waiting for the PUBACK
+    GONE = "gone"  # acked or dropped
+
+
+class _Event(enum.Enum):
+    COMMITTED = "committed"
+    TAKEN = "taken"
+    ACKED = "acked"
+    RELEASED = "released"
+    DROPPED = "dropped"
+
+
+#: Legal moves of one entry: state → event → next state. Anything else is a bug in the driver.
+TRANSITIONS: Final[dict[EntryState, dict[_Event, EntryState]]] = {
+    EntryState.ACCEPTED: {_Event.COMMITTED: EntryState.QUEUED, _Event.DROPPED: EntryState.GONE},
+    EntryState.QUEUED: {_Event.TAKEN: EntryState.IN_FLIGHT, _Event.DROPPED: EntryState.GONE},
+    EntryState.IN_FLIGHT: {_Event.ACKED: EntryState.GONE, _Event.RELEASED: EntryState.QUEUED},
+    EntryState.GONE: {},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`OutboxCore.admit` decided.
+
+    Attributes:
+        seq: the new message's sequence number.
+        dropped: sequence numbers dropped to make room (oldest first), with their sizes.
+    """
+
+    seq: int
+    dropped: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    state: EntryState
+
+
+@dataclass(slots=True)
+class _Counters:
+    dropped: int = 0
+    refused: int = 0
+    accepted: int = 0
+    acked: int = 0
+
+
+class OutboxCore:
+    """The outbox's decisions, without I/O.
+
+    Args:
+        limits: the bounds and the overflow policy.
+        next_seq: the first sequence number to hand out (one past the largest stored).
+    """
+
+    def __init__(self, limits: OutboxLimits, *, next_seq: int = 1) -> None:
+        self._limits = limits
+        self._next_seq = next_seq
+        self._entries: dict[int, _Entry] = {}
+        # Seqs not in flight (ACCEPTED or QUEUED), oldest first. Commits happen in seq order, so
+        # if the head is not committed yet, nothing behind it is either.
+        self._order: deque[int] = deque()
+        self._bytes = 0
+        self._in_flight = 0
+        self._counters = _Counters()
+
+    @property
+    def limits(self) -> OutboxLimits:
+        """The bounds in force."""
+        return self._limits
+
+    @property
+    def depth(self) -> int:
+        """Messages held, in every state but GONE."""
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes held."""
+        return self._bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Messages taken and not yet acked or released."""
+        return self._in_flight
+
+    def stats(self) -> OutboxStats:
+        """A snapshot of the counts."""
+        c = self._counters
+        return OutboxStats(
+            depth=len(self._entries),
+            bytes=self._bytes,
+            in_flight=self._in_flight,
+            dropped=c.dropped,
+            refused=c.refused,
+            accepted=c.accepted,
+            acked=c.acked,
+        )
+
+    def state(self, seq: int) -> EntryState:
+        """The state of ``seq`` (GONE if unknown)."""
+        entry = self._entries.get(seq)
+        return entry.state if entry is not None else EntryState.GONE
+
+    def _move(self, seq: int, event: _Event) -> _Entry:
+        entry = self._entries.get(seq)
+        state = entry.state if entry is not None else EntryState.GONE
+        target = TRANSITIONS[state].get(event)
+        if target is None or entry is None:
+            raise UsageError(f"outbox entry {seq}: {event.value} is illegal in state {state.value}")
+        entry.state = target
+        if target is EntryState.GONE:
+            del self._entries[seq]
+            self._bytes -= entry.size
+        return entry
+
+    def restore(self, seq: int, size: int) -> None:
+        """Register a message found on disk at start-up (committed, queued).
+
+        Restored messages are kept even beyond the bounds (they were accepted once); the bounds
+        then refuse or drop as new messages arrive.
+        """
+        self._entries[seq] = _Entry(size, EntryState.QUEUED)
+        self._order.append(seq)
+        self._bytes += size
+        self._next_seq = max(self._next_seq, seq + 1)
+
+    def admit(self, size: int) -> Admission:
+        """Decide whether a new message of ``size`` payload bytes is accepted.
+
+        Returns:
+            Its sequence number and what was dropped to make room (policy DROP_OLDEST).
+
+        Raises:
+            PayloadTooLargeError: ``size`` exceeds ``max_payload_bytes``.
+            OutboxFullError: the outbox is full and the policy is REFUSE, or nothing droppable
+                is left (everything held is in flight).
+        """
+        limits = self._limits
+        if size > limits.max_payload_bytes:
+            raise PayloadTooLargeError("max_payload_bytes", limits.max_payload_bytes, size)
+        dropped: list[tuple[int, int]] = []
+        if len(self._entries) + 1 > limits.max_messages or self._bytes + size > limits.max_bytes:
+            if limits.policy is OverflowPolicy.REFUSE:
+                self._counters.refused += 1
+                raise self._full_error(size)
+            while self._order and (
+                len(self._entries) + 1 > limits.max_messages
+                or self._bytes + size > limits.max_bytes
+            ):
+                victim = self._order.popleft()
+                entry = self._move(victim, _Event.DROPPED)
+                dropped.append((victim, entry.size))
+            if (
+                len(self._entries) + 1 > limits.max_messages
+                or self._bytes + size > limits.max_bytes
+            ):
+                # Only in-flight messages are left: they cannot be dropped, so refuse. What was
+                # dropped on the way stays dropped (it was the oldest, and space is still short).
+                self._counters.dropped += len(dropped)
+                self._counters.refused += 1
+                raise self._full_error(size)
+            self._counters.dropped += len(dropped)
+        seq = self._next_seq
+        self._next_seq += 1
+        self._entries[seq] = _Entry(size, EntryState.ACCEPTED)
+        self._order.append(seq)
+        self._bytes += size
+        self._counters.accepted += 1
+        return Admission(seq, tuple(dropped))
+
+    def _full_error(self, size: int) -> OutboxFullError:
+        limits = self._limits
+        if len(self._entries) + 1 > limits.max_messages:
+            return OutboxFullError(
+                "outbox_max_messages", limits.max_messages, len(self._entries) + 1
+            )
+        return OutboxFullError("outbox_max_bytes", limits.max_bytes, self._bytes + size)
+
+    def abandon(self, seq: int) -> None:
+        """Forget a message whose row could not be committed (it was never accepted)."""
+        if self.state(seq) is EntryState.ACCEPTED:
+            self._move(seq, _Event.DROPPED)
+            self._order.remove(seq)
+            self._counters.accepted -= 1
+
+    def committed(self, seqs: Iterable[int]) -> None:
+        """Mark rows as durable: they become sendable. Seqs dropped meanwhile are skipped."""
+        for seq in seqs:
+            entry = self._entries.get(seq)
+            if entry is not None and entry.state is EntryState.ACCEPTED:
+                self._move(seq, _Event.COMMITTED)
+
+    def head(self) -> int | None:
+        """The seq :meth:`take` would return now, without taking it."""
+        if self._in_flight >= self._limits.max_in_flight or not self._order:
+            return None
+        seq = self._order[0]
+        if self._entries[seq].state is not EntryState.QUEUED:
+            return None  # the head is still being committed
+        return seq
+
+    def take(self) -> int | None:
+        """The next message to publish, marked in flight; None if none may go now."""
+        seq = self.head()
+        if seq is None:
+            return None
+        self._order.popleft()
+        self._move(seq, _Event.TAKEN)
+        self._in_flight += 1
+        return seq
+
+    def peek_queued(self, limit: int) -> list[int]:
+        """Up to ``limit`` queued seqs that :meth:`take` would return next, oldest first."""
+        out: list[int] = []
+        for seq in self._order:
+            if len(out) >= limit or self._entries[seq].state is not EntryState.QUEUED:
+                break
+            out.append(seq)
+        return out
+
+    def ack(self, seq: int) -> int:
+        """The PUBACK for ``seq`` arrived: forget it.
+
+        Returns:
+            Its payload size.
+
+        Raises:
+            UsageError: ``seq`` is not in flight.
+        """
+        entry = self._move(seq, _Event.ACKED)
+        self._in_flight -= 1
+        self._counters.acked += 1
+        return entry.size
+
+    def release(self, seqs: Sequence[int]) -> None:
+        """Put in-flight messages back at the head of the queue (no PUBACK will come).
+
+        Raises:
+            UsageError: one of ``seqs`` is not in flight (none is moved then).
+        """
+        for seq in seqs:
+            if self.state(seq) is not EntryState.IN_FLIGHT:
+                raise UsageError(f"outbox entry {seq}: released but not in flight")
+        for seq in sorted(seqs, reverse=True):
+            self._move(seq, _Event.RELEASED)
+            self._order.appendleft(seq)
+            self._in_flight -= 1
+
+
+# -- the SQLite thread -------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+) STRICT;
+"""
+
+_Row = tuple[int, str, bytes, int, int]
+
+
+_Fetched = dict[int, tuple[str, bytes, int]]
+
+
+@dataclass(slots=True)
+class _Request:
+    """One loop turn's worth of work for the SQLite thread."""
+
+    inserts: list[_Row] = field(default_factory=list)
+    # One per insert, same order: resolves to the message id once the row is committed.
+    accepted: list[asyncio.Future[str]] = field(default_factory=list)
+    deletes: list[int] = field(default_factory=list)
+    fetch: list[int] = field(default_factory=list)
+    fetch_future: asyncio.Future[_Fetched] | None = None
+    fetched: _Fetched | StorageError | None = None
+
+
+_OnDone = Callable[[list[_Request], StorageError | None], None]
+
+
+@dataclass(slots=True)
+class _Opened:
+    uid: str
+    rows: list[tuple[int, int]]  # (seq, size), oldest first
+
+
+class _SqliteThread:
+    """Owns the SQLite connection; runs requests in group-committed transactions."""
+
+    def __init__(
+        self,
+        path: Path,
+        durability: Durability,
+        on_done: _OnDone,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._path = path
+        self._durability = durability
+        self._on_done = on_done
+        self._loop = loop
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="outbox-sqlite", daemon=True)
+        self._opened: asyncio.Future[_Opened] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self.transactions = 0
+
+    def start(self) -> asyncio.Future[_Opened]:
+        self._thread.start()
+        return self._opened
+
+    def submit(self, request: _Request) -> None:
+        self._requests.put(request)
+
+    def stop(self) -> asyncio.Future[None]:
+        self._requests.put(None)
+        return self._closed
+
+    def _deliver(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(callback)
+
+    def _run(self) -> None:
+        try:
+            db = self._open()
+        except (sqlite3.Error, OSError) as exc:
+            error = StorageError(str(self._path), "open", f"{type(exc).__name__}: {exc}")
+            self._deliver(lambda: _settle_exc(self._opened, error))
+            self._deliver(lambda: _settle(self._closed, None))
+            return
+        try:
+            self._serve(db)
+        finally:
+            db.close()
+            self._deliver(lambda: _settle(self._closed, None))
+
+    def _open(self) -> sqlite3.Connection:
+        if not self._path.exists():
+            # Created 0600 first: SQLite gives its -wal and -shm files the database's mode.
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            _check_wal(mode)
+            db.execute(f"PRAGMA synchronous={self._durability.value}")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key = 'uid'").fetchone()
+            if row is None:
+                uid = secrets.token_hex(8)
+                db.execute("INSERT INTO meta (key, value) VALUES ('uid', ?)", (uid,))
+            else:
+                uid = str(row[0])
+            rows = db.execute("SELECT seq, length(payload) FROM messages ORDER BY seq").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        opened = _Opened(uid, [(int(s), int(n)) for s, n in rows])
+        self._deliver(lambda: _settle(self._opened, opened))
+        return db
+
+    def _serve(self, db: sqlite3.Connection) -> None:
+        while True:
+            first = self._requests.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            # Everything that arrived while the last transaction committed goes in this one.
+            while True:
+                try:
+                    nxt = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._transaction(db, batch)
+            if stop:
+                return
+
+    def _transaction(self, db: sqlite3.Connection, batch: list[_Request]) -> None:
+        rows = [row for request in batch for row in request.inserts]
+        deletes = [seq for request in batch for seq in request.deletes]
+        error: StorageError | None = None
+        if rows or deletes:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for start in range(0, len(rows), _INSERT_CHUNK):
+                        chunk = rows[start : start + _INSERT_CHUNK]
+                        db.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
+                    for start in range(0, len(deletes), _DELETE_CHUNK):
+                        chunk_d = deletes[start : start + _DELETE_CHUNK]
+                        db.execute(_delete_sql(len(chunk_d)), chunk_d)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                error = StorageError(str(self._path), "commit", f"{type(exc).__name__}: {exc}")
+            self.transactions += 1
+        for request in batch:
+            if request.fetch_future is not None:
+                request.fetched = self._fetch(db, request.fetch)
+        self._deliver(lambda: self._on_done(batch, error))
+
+    def _fetch(self, db: sqlite3.Connection, seqs: list[int]) -> _Fetched | StorageError:
+        try:
+            found = db.execute(
+                f"SELECT seq, topic, payload, qos FROM messages WHERE seq IN ({_marks(len(seqs))})",  # noqa: S608 - only placeholders are interpolated
+                seqs,
+            ).fetchall()
+        except sqlite3.Error as exc:
+            return StorageError(str(self._path), "read", f"{type(exc).__name__}: {exc}")
+        return {int(s): (str(t), bytes(p), int(q)) for s, t, p, q in found}
+
+
+def _check_wal(mode: object) -> None:
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+_insert_cache: dict[int, str] = {}
+
+
+def _insert_sql(count: int) -> str:
+    sql = _insert_cache.get(count)
+    if sql is None:
+        values = ",".join(["(?,?,?,?,?)"] * count)
+        sql = f"INSERT INTO messages (seq, topic, payload, qos, created_ms) VALUES {values}"  # noqa: S608 - only placeholders are interpolated
+        _insert_cache[count] = sql
+    return sql
+
+
+def _delete_sql(count: int) -> str:
+    return f"DELETE FROM messages WHERE seq IN ({_marks(count)})"  # noqa: S608 - placeholders only
+
+
+def _settle(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _settle_exc(future: asyncio.Future[T], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+# -- the async outbox --------------------------------------------------------------------------
+
+
+class Outbox:
+    """The durable outbox, an async context manager around :class:`OutboxCore` and SQLite.
+
+    Args:
+        path: the SQLite database file (its directory must exist; the file is made 0600).
+        limits: bounds, in-flight limit and overflow policy.
+        durability: SQLite ``synchronous`` (FULL: an accepted message survives power loss).
+        clock: wall clock in seconds, for the rows' creation time.
+
+    Producers call :meth:`put` (or :meth:`submit`); the publisher calls :meth:`take_nowait` /
+    :meth:`next_message`, then :meth:`ack` on PUBACK or :meth:`release` when the connection
+    dropped first.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        limits: OutboxLimits | None = None,
+        durability: Durability = Durability.FULL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._limits = limits or OutboxLimits()
+        self._durability = durability
+        self._clock = clock
+        self._core = OutboxCore(self._limits)
+        self._uid = ""
+        self._db: _SqliteThread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = False
+        self._request = _Request()
+        self._flush_scheduled = False
+        # seq → (topic, payload, qos) of messages whose payload is in memory.
+        self._resident: dict[int, tuple[str, bytes, int]] = {}
+        self._resident_bytes = 0
+        self._fetching: dict[int, asyncio.Future[dict[int, tuple[str, bytes, int]]]] = {}
+        self._available = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Open (or create) the database and restore what it holds.
+
+        Raises:
+            StorageError: the database cannot be opened or read.
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._db = _SqliteThread(self._path, self._durability, self._on_done, loop)
+        opened = await self._db.start()
+        self._uid = opened.uid
+        for seq, size in opened.rows:
+            self._core.restore(seq, size)
+        self._open = True
+        if opened.rows:
+            self._available.set()
+        _log.info(
+            "outbox.opened",
+            path=str(self._path),
+            restored=len(opened.rows),
+            restored_bytes=self._core.bytes,
+            policy=self._limits.policy.value,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit what is pending, then stop the SQLite thread (shielded from cancellation)."""
+        if not self._open:
+            return
+        self._open = False
+        self._available.set()  # wake senders waiting in next_message(): they raise Closed
+        self._flush()
+        if self._db is not None:
+            await asyncio.shield(self._db.stop())
+        _log.info("outbox.closed", **_stats_fields(self._core.stats()))
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def uid(self) -> str:
+        """This outbox's random id (stored in the database, first part of every message id)."""
+        return self._uid
+
+    @property
+    def limits(self) -> OutboxLimits:
+        """The bounds in force."""
+        return self._limits
+
+    @property
+    def transactions(self) -> int:
+        """SQLite transactions committed since open (for benchmarks and tests)."""
+        return self._db.transactions if self._db is not None else 0
+
+    def stats(self) -> OutboxStats:
+        """A snapshot: depth, bytes, in flight, dropped, refused, accepted, acked."""
+        return self._core.stats()
+
+    def message_id(self, seq: int) -> str:
+        """The stable message id of ``seq``."""
+        return f"{self._uid}-{seq}"
+
+    # -- producers -----------------------------------------------------------------------------
+
+    def submit(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[str]:
+        """Admit a message and return a future that resolves to its id once it is committed.
+
+        Validation and the overflow policy act at once (they raise here); only durability is
+        awaited. Use it to pipeline many messages; :meth:`put` awaits one.
+
+        Args:
+            topic: the MQTT topic (see :func:`check_topic`).
+            payload: the payload bytes.
+            qos: the QoS level; only 1 is supported.
+
+        Returns:
+            A future resolving to the message id, or failing with :class:`StorageError`.
+
+        Raises:
+            OutboxClosedError: the outbox is not open.
+            TopicError: the topic is not publishable.
+            PayloadTooLargeError: the payload exceeds ``max_payload_bytes``.
+            OutboxFullError: full, and the policy is REFUSE.
+        """
+        loop = self._loop
+        if not self._open or loop is None:
+            raise OutboxClosedError("the outbox is not open")
+        if qos != 1:
+            raise UsageError(f"only QoS 1 is supported by the outbox, got {qos}")
+        check_topic(topic)
+        try:
+            admission = self._core.admit(len(payload))
+        except OutboxFullError as exc:
+            _log.warning(
+                "outbox.refused",
+                topic=topic,
+                limit=exc.limit_name,
+                refused_total=self._core.stats().refused,
+            )
+            raise
+        seq = admission.seq
+        if admission.dropped:
+            self._dropped(admission.dropped)
+        accepted: asyncio.Future[str] = loop.create_future()
+        request = self._request
+        request.inserts.append((seq, topic, payload, qos, int(self._clock() * 1000)))
+        request.accepted.append(accepted)
+        if self._resident_bytes + len(payload) <= self._limits.resident_bytes:
+            self._resident[seq] = (topic, payload, qos)
+            self._resident_bytes += len(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return accepted
+
+    async def put(self, topic: str, payload: bytes, *, qos: int = 1) -> str:
+        """Persist a message; return its id once its row is committed ("accepted").
+
+        Args:
+            topic: the MQTT topic (see :func:`check_topic`).
+            payload: the payload bytes.
+            qos: the QoS level; only 1 is supported.
+
+        Returns:
+            The stable message id.
+
+        Raises:
+            OutboxClosedError: the outbox is not open.
+            TopicError: the topic is not publishable.
+            PayloadTooLargeError: the payload exceeds ``max_payload_bytes``.
+            OutboxFullError: full, and the policy is REFUSE (back-pressure: retry later).
+            StorageError: the commit failed.
+        """
+        return await self.submit(topic, payload, qos=qos)
+
+    def _on_done(self, batch: list[_Request], error: StorageError | None) -> None:
+        """A transaction ended (on the loop, called by the SQLite thread)."""
+        core = self._core
+        uid = self._uid
+        for request in batch:
+            for row, accepted in zip(request.inserts, request.accepted, strict=True):
+                seq = row[0]
+                if error is None:
+                    # A message dropped before its commit was still accepted, then dropped.
+                    core.committed((seq,))
+                    if not accepted.done():
+                        accepted.set_result(f"{uid}-{seq}")
+                else:
+                    # Not durable: forget it rather than send what the producer was told failed.
+                    core.abandon(seq)
+                    self._forget_payload(seq)
+                    if not accepted.done():
+                        accepted.set_exception(error)
+            fetch_future = request.fetch_future
+            if fetch_future is not None and not fetch_future.done():
+                if isinstance(request.fetched, StorageError):
+                    fetch_future.set_exception(request.fetched)
+                else:
+                    fetch_future.set_result(request.fetched or {})
+        if error is not None:
+            _log.error("outbox.commit_failed", error=str(error))
+        self._available.set()
+
+    def _forget_payload(self, seq: int) -> None:
+        cached = self._resident.pop(seq, None)
+        if cached is not None:
+            self._resident_bytes -= len(cached[1])
+
+    def _dropped(self, dropped: tuple[tuple[int, int], ...]) -> None:
+        for seq, _size in dropped:
+            self._forget_payload(seq)
+        self._request.deletes.extend(seq for seq, _size in dropped)
+        _log.warning(
+            "outbox.dropped",
+            count=len(dropped),
+            first_seq=dropped[0][0],
+            last_seq=dropped[-1][0],
+            bytes=sum(size for _seq, size in dropped),
+            dropped_total=self._core.stats().dropped,
+        )
+
+    # -- the publisher's side ------------------------------------------------------------------
+
+    def take_nowait(self) -> StoredMessage | None:
+        """The next message to publish if one is ready with its payload in memory, else None.
+
+        The message is in flight from now on: :meth:`ack` or :meth:`release` it.
+        """
+        core = self._core
+        seq = core.head()
+        if seq is None:
+            return None
+        cached = self._resident.get(seq)
+        if cached is None:
+            return None
+        core.take()
+        self._idle.clear()
+        return StoredMessage(seq, f"{self._uid}-{seq}", cached[0], cached[1], cached[2])
+
+    async def next_message(self) -> StoredMessage:
+        """Wait for the next message to publish (within the in-flight bound) and take it.
+
+        Raises:
+            OutboxClosedError: the outbox closed while waiting.
+            StorageError: its payload could not be read back from SQLite.
+        """
+        while True:
+            if not self._open:
+                raise OutboxClosedError("the outbox is not open")
+            message = self.take_nowait()
+            if message is not None:
+                return message
+            head = self._core.peek_queued(_FETCH_BATCH)
+            if head and head[0] not in self._resident:
+                await self._load(head)
+                continue
+            self._available.clear()
+            await self._available.wait()
+
+    async def _load(self, seqs: list[int]) -> None:
+        """Read payloads of queued messages back from SQLite into memory."""
+        waiting = self._fetching.get(seqs[0])
+        if waiting is None:
+            waiting = self._running_loop().create_future()
+            wanted = [s for s in seqs if s not in self._resident and s not in self._fetching]
+            for seq in wanted:
+                self._fetching[seq] = waiting
+            self._request.fetch = wanted
+            self._request.fetch_future = waiting
+            self._flush()
+            try:
+                found = await asyncio.shield(waiting)
+            finally:
+                for seq in wanted:
+                    self._fetching.pop(seq, None)
+            for seq, value in found.items():
+                if self._core.state(seq) is not EntryState.GONE and seq not in self._resident:
+                    self._resident[seq] = value
+                    self._resident_bytes += len(value[1])
+            missing = [
+                s for s in wanted if s not in found and self._core.state(s) is not EntryState.GONE
+            ]
+            if missing:
+                raise StorageError(str(self._path), "read", f"{len(missing)} rows missing")
+        else:
+            await asyncio.shield(waiting)
+
+    def ack(self, seq: int) -> None:
+        """The PUBACK for ``seq`` arrived: delete its row (batched) and free its place.
+
+        Raises:
+            UsageError: ``seq`` is not in flight.
+        """
+        self._core.ack(seq)
+        self._forget_payload(seq)
+        self._request.deletes.append(seq)
+        self._schedule_flush()
+        if self._core.in_flight == 0:
+            self._idle.set()
+        # Room in the in-flight window may let a waiting sender go.
+        self._available.set()
+
+    def release(self, seq: int) -> None:
+        """No PUBACK will come for ``seq`` (connection lost): queue it again, at the head.
+
+        Raises:
+            UsageError: ``seq`` is not in flight.
+        """
+        self._core.release((seq,))
+        if self._core.in_flight == 0:
+            self._idle.set()
+        self._available.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no message is in flight."""
+        await self._idle.wait()
+
+    # -- flushing ------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._running_loop().call_soon(self._flush)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise OutboxClosedError("the outbox was never opened")
+        return self._loop
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        request = self._request
+        if not (request.inserts or request.deletes or request.fetch_future is not None):
+            return
+        self._request = _Request()
+        if self._db is not None:
+            self._db.submit(request)
+
+
+def _stats_fields(stats: OutboxStats) -> dict[str, int]:
+    return {
+        "depth": stats.depth,
+        "bytes": stats.bytes,
+        "in_flight": stats.in_flight,
+        "dropped": stats.dropped,
+        "refused": stats.refused,
+        "accepted": stats.accepted,
+        "acked": stats.acked,
+    }
