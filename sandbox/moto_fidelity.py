@@ -604,6 +604,19 @@ def _decode_iterator(iterator: str) -> tuple[str, str, int, float]:
         ) from None
 
 
+def _within_bytes(records: list[Any], budget: int) -> list[Any]:
+    """The longest prefix of ``records`` whose data fits ``budget`` bytes (at least one record)."""
+    # moto keeps data base64-encoded: 4 characters per 3 bytes.
+    if sum(len(r.data) for r in records) * 3 // 4 <= budget:
+        return records
+    size = 0
+    for count, record in enumerate(records):
+        size += len(record.data) * 3 // 4
+        if count and size > budget:
+            return records[:count]
+    return records
+
+
 def _restore_shard_iterators(state: SandboxState) -> None:
     """GetRecords: iterators expire, a closed shard ends, reads are bounded and may be throttled.
 
@@ -655,14 +668,9 @@ def _restore_shard_iterators(state: SandboxState) -> None:
             )
         index = _sequence_index(shard)
         start = bisect.bisect_right(index, after)
-        records: list[Any] = []
-        size = 0
-        for sequence in index[start : start + (limit or _GET_RECORDS_MAX)]:
-            record = shard.records[sequence]
-            size += len(record.data) * 3 // 4 + len(record.partition_key)
-            if records and size > _GET_RECORDS_MAX_BYTES:
-                break
-            records.append(record)
+        stored = shard.records
+        records = [stored[n] for n in index[start : start + (limit or _GET_RECORDS_MAX)]]
+        records = _within_bytes(records, _GET_RECORDS_MAX_BYTES)
         last = records[-1].sequence_number if records else after
         behind = 0
         if records and index:

@@ -664,6 +664,23 @@ async def test_concurrent_writers_lose_nothing_and_get_records_caps_at_10000(
 
 
 @on_module_loop
+async def test_get_records_returns_at_most_10_mib(kinesis: Any) -> None:
+    (shard,) = await create_stream(kinesis, "large", 1)
+    record = 700 * 1024  # under aiohttp's 1 MiB raw-body bound once base64-encoded
+    for n in range(16):
+        await kinesis.put_record(StreamName="large", Data=bytes([n]) * record, PartitionKey="k")
+    iterator = (
+        await kinesis.get_shard_iterator(
+            StreamName="large", ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+        )
+    )["ShardIterator"]
+    first = await kinesis.get_records(ShardIterator=iterator)
+    assert len(first["Records"]) == (10 * 1024 * 1024) // record  # 14 records fit, 15 do not
+    rest = await kinesis.get_records(ShardIterator=first["NextShardIterator"])
+    assert [r["Data"][0] for r in first["Records"] + rest["Records"]] == list(range(16))
+
+
+@on_module_loop
 async def test_get_records_throttles_past_five_calls_per_second_per_shard(
     aws: MotoSandbox, kinesis: Any
 ) -> None:
