@@ -26,15 +26,24 @@ from __future__ import annotations
 from shared.errors import PeerError, TransportError, UsageError, ZtpError
 
 __all__ = [
+    "AirVantageApiError",
+    "AirVantageAuthError",
+    "AirVantageRateLimitedError",
+    "AirVantageServerError",
+    "AirVantageTransportError",
     "AwsServiceError",
     "AwsTransportError",
     "CloudDaemonError",
     "CloudUsageError",
+    "DeliveryFailedError",
+    "IssuanceInProgressError",
     "IteratorExpiredError",
     "LeaseError",
     "LeaseLostError",
     "LeaseTakenError",
+    "LedgerConflictError",
     "ResourceNotFoundError",
+    "SystemNotFoundError",
     "ThrottledError",
 ]
 
@@ -136,3 +145,119 @@ class LeaseLostError(LeaseError):
 
 class LeaseTakenError(LeaseError):
     """Taking a lease lost a race with another worker (its counter or owner changed)."""
+
+
+# --- issuance and delivery (issuer.py, ledger.py, airvantage.py) ---------------------------
+
+
+class IssuanceInProgressError(CloudDaemonError, TransportError):
+    """Another worker recorded the intent to issue this certificate moments ago: retry later.
+
+    Raised instead of minting a second certificate; once ``retry_after`` has passed without a
+    result, the intent counts as abandoned (its worker crashed) and the next attempt recovers.
+
+    Attributes:
+        thing_name: the thing the certificate is for.
+        retry_after: seconds until the intent may be taken over.
+    """
+
+    def __init__(self, thing_name: str, *, retry_after: float) -> None:
+        super().__init__(
+            f"issuance for thing {thing_name!r} in progress elsewhere; retry in {retry_after:.1f} s"
+        )
+        self.thing_name = thing_name
+        self.retry_after = retry_after
+
+
+class LedgerConflictError(CloudDaemonError):
+    """A conditional write to the issuance ledger lost a race: the entry moved under us.
+
+    Attributes:
+        thing_name: the entry's thing.
+        key_sha256: the entry's public-key digest (hex; not a secret).
+        expected: what the write was conditional on.
+    """
+
+    def __init__(self, thing_name: str, key_sha256: str, expected: str) -> None:
+        super().__init__(
+            f"ledger entry {thing_name}/{key_sha256[:16]}: condition failed, expected {expected}"
+        )
+        self.thing_name = thing_name
+        self.key_sha256 = key_sha256
+        self.expected = expected
+
+
+class AirVantageApiError(CloudDaemonError, PeerError):
+    """The AirVantage REST API answered with an error.
+
+    Attributes:
+        operation: what we asked (``token``, ``systems``, ``command``, ``operation``).
+        status: the HTTP status.
+        code: AirVantage's ``error`` member, or ``""`` when the body had none.
+        retry_after: seconds the server asked us to wait (``Retry-After``), else ``None``.
+    """
+
+    def __init__(
+        self, operation: str, status: int, code: str = "", *, retry_after: float | None = None
+    ) -> None:
+        text = f"AirVantage {operation}: HTTP {status}"
+        super().__init__(f"{text} {code}" if code else text)
+        self.operation = operation
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+
+class AirVantageRateLimitedError(AirVantageApiError):
+    """HTTP 429: wait ``retry_after`` seconds (or back off) and retry."""
+
+
+class AirVantageServerError(AirVantageApiError):
+    """HTTP 5xx: back off and retry."""
+
+
+class AirVantageAuthError(AirVantageApiError):
+    """The token endpoint refused our credentials, or a fresh token was refused too."""
+
+
+class SystemNotFoundError(CloudDaemonError, PeerError):
+    """AirVantage knows no system with this gateway serial.
+
+    Attributes:
+        serial: the serial looked up.
+    """
+
+    def __init__(self, serial: str) -> None:
+        super().__init__(f"AirVantage has no system with serial {serial!r}")
+        self.serial = serial
+
+
+class AirVantageTransportError(CloudDaemonError, TransportError):
+    """The path to AirVantage failed (refused, reset, timeout): retry with backoff.
+
+    Attributes:
+        operation: what we asked.
+        retry_after: always ``None`` (no server said anything); present so callers can read
+            ``retry_after`` on every retryable AirVantage error alike.
+    """
+
+    def __init__(self, operation: str, reason: str) -> None:
+        super().__init__(f"AirVantage {operation}: {reason}")
+        self.operation = operation
+        self.retry_after: float | None = None
+
+
+class DeliveryFailedError(CloudDaemonError, PeerError):
+    """A ``ztp.deliver`` operation kept failing on the device, or never finished in time.
+
+    Attributes:
+        operation_uid: the last operation tried.
+        attempts: how many operations were created.
+        reason: ``failure`` (the counters said so) or ``timeout``.
+    """
+
+    def __init__(self, operation_uid: str, *, attempts: int, reason: str) -> None:
+        super().__init__(f"delivery {operation_uid}: {reason} after {attempts} attempt(s)")
+        self.operation_uid = operation_uid
+        self.attempts = attempts
+        self.reason = reason
