@@ -214,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments or arguments[0] != "serve":
         print("usage: python -m sandbox.aws serve --pki-dir DIR [options]", file=sys.stderr)
         return 2
-    return serve(arguments[1:])
+    try:
+        return serve(arguments[1:])
+    except ConfigError as exc:
+        print(f"sandbox.aws: {exc}", file=sys.stderr)
+        return 2
 
 
 # --------------------------------------------------------------------------------------------
