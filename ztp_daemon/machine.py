@@ -16,9 +16,12 @@ leaves the machine exactly as it was::
 
     FRESH --Start--> MAKING_KEY --KeyReady--> KEY_READY --Persisted--> REQUEST_SENT
     REQUEST_SENT --FragmentHeld--> RECEIVING --CertificateVerified--> STORING
-    STORING --CredentialsStored--> PROVISIONED
+    STORING --CredentialsStored--> PROVISIONED (report, then start the publisher, once durable)
     REQUEST_SENT/RECEIVING --DeliveryFailed--> WAITING_RETRY --TimerFired--> REQUEST_SENT
     REQUEST_SENT/RECEIVING --TimerFired (no delivery in time)--> REQUEST_SENT (the same CSR again)
+    WAITING_RETRY accepts a late delivery just as REQUEST_SENT does
+    STORING --StorageFailed--> WAITING_RETRY;  MAKING_KEY/KEY_READY --StorageFailed--> FRESH
+    resumed from a record: KEY_READY/WAITING_RETRY/PROVISIONED --Start--> carry on from there
 
 The driver's contract:
 
@@ -36,11 +39,15 @@ The driver's contract:
    The machine holds them while the link is down and returns them with the next ``LinkUp``.
 
 Tasks are interpreted before the table applies: a :class:`TaskReceived` is fed to the injected
-:class:`DeliveryDecoder` (fragment reassembly and message decoding) and, when a delivery is
+:class:`DeliveryDecoder` (:class:`SharedCodecDecoder` in production: ``f01``.. params through
+:mod:`shared.fragments` and :mod:`shared.messages`) and, when a delivery is
 complete, to :func:`~ztp_daemon.verify.verify_certificate`. The result is one *outcome* event
 (:class:`FragmentHeld`, :class:`CertificateVerified`, :class:`DeliveryFailed`,
 :class:`TaskRefused`, :class:`TaskRepeated`), and the table decides what that outcome may do in the
-current state. Outcomes are internal: the driver cannot feed them.
+current state. Outcomes are internal: the driver cannot feed them. Interpretation knows the
+state, so every task gets an answer: a task the state cannot use is refused with an ERROR ack
+(``no request outstanding``, ``already provisioned``, a decoding error...). A verified delivery is
+acked only once its bundle is committed, so a daemon killed while storing gets it again.
 
 Durability and resume: the machine emits :class:`Persist` with a :class:`StateRecord` when it has
 made a key and CSR, on each send of the request, on entering WAITING_RETRY, and once provisioned.
