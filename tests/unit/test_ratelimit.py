@@ -1,0 +1,123 @@
+"""Token buckets, backoff and the async rate limiter (a fake clock; nothing really waits)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloud_daemon.ratelimit import Backoff, RateLimiter, TokenBucket
+from shared.errors import UsageError
+
+
+def test_a_full_bucket_allows_a_burst_then_spaces_calls() -> None:
+    bucket = TokenBucket(rate=15.0, now=0.0)
+    waits = [bucket.reserve(0.0) for _ in range(17)]
+    assert waits[:15] == [0.0] * 15
+    assert waits[15] == pytest.approx(1 / 15)
+    assert waits[16] == pytest.approx(2 / 15)
+
+
+def test_tokens_come_back_with_time_but_not_beyond_the_burst() -> None:
+    bucket = TokenBucket(rate=2.0, burst=2.0, now=0.0)
+    assert bucket.reserve(0.0) == 0.0
+    assert bucket.reserve(0.0) == 0.0
+    assert bucket.reserve(0.0) == pytest.approx(0.5)
+    assert bucket.reserve(100.0) == 0.0
+    assert bucket.reserve(100.0) == 0.0
+    assert bucket.reserve(100.0) == pytest.approx(0.5)
+
+
+def test_a_clock_going_backwards_does_not_mint_tokens() -> None:
+    bucket = TokenBucket(rate=1.0, burst=1.0, now=10.0)
+    assert bucket.reserve(10.0) == 0.0
+    assert bucket.reserve(5.0) == pytest.approx(1.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rate=st.floats(min_value=0.5, max_value=200),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.5), min_size=1, max_size=200),
+)
+def test_calls_started_never_exceed_rate_times_window_plus_burst(
+    rate: float, gaps: list[float]
+) -> None:
+    bucket = TokenBucket(rate=rate, now=0.0)
+    now = 0.0
+    starts = []
+    for gap in gaps:
+        now += gap
+        starts.append(now + bucket.reserve(now))
+    span = max(starts) - min(starts)
+    assert len(starts) <= bucket.burst + rate * span + 1e-6
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("inf"), float("nan"), True])
+def test_bucket_rate_validates(rate: float) -> None:
+    with pytest.raises(UsageError):
+        TokenBucket(rate=rate, now=0.0)
+
+
+def test_backoff_doubles_to_the_cap() -> None:
+    backoff = Backoff(base=0.1, cap=1.0, attempts=5)
+    assert [backoff.delay(n, rand=1.0) for n in range(1, 7)] == pytest.approx(
+        [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    )
+    assert backoff.delay(3, rand=0.5) == pytest.approx(0.2)
+    assert backoff.delay(3, rand=0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"base": 0}, {"cap": 0.01, "base": 0.1}, {"attempts": 0}, {"attempts": 1.5}]
+)
+def test_backoff_validates(kwargs: dict[str, float]) -> None:
+    with pytest.raises(UsageError):
+        Backoff(**kwargs)  # type: ignore[arg-type]
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_limiter_keeps_one_bucket_per_api() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(
+        default_tps=2.0, per_api={"CreateThing": 4.0}, clock=fake.clock, sleep=fake.sleep
+    )
+    assert limiter.limit_for("CreateThing") == 4.0
+    assert limiter.limit_for("AttachPolicy") == 2.0
+    for _ in range(2):
+        assert await limiter.acquire("AttachPolicy") == 0.0
+    for _ in range(4):
+        assert await limiter.acquire("CreateThing") == 0.0
+    assert await limiter.acquire("AttachPolicy") == pytest.approx(0.5)
+    # The 0.5 s slept for AttachPolicy refilled two of CreateThing's tokens: no wait.
+    assert await limiter.acquire("CreateThing") == 0.0
+    assert fake.slept == [pytest.approx(0.5)]
+
+
+async def test_limiter_really_paces_calls() -> None:
+    limiter = RateLimiter(default_tps=50.0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.gather(*(limiter.acquire("CreateCertificateFromCsr") for _ in range(60)))
+    # 50 from the full bucket, then 10 more at 50 per second: about 0.2 s.
+    assert 0.15 <= loop.time() - start < 1.0
+
+
+def test_limiter_validates_rates() -> None:
+    with pytest.raises(UsageError):
+        RateLimiter(default_tps=0)
+    with pytest.raises(UsageError):
+        RateLimiter(per_api={"CreateThing": -1.0})
