@@ -617,7 +617,8 @@ class ShardConsumer:
             wait = max(0.0, started + idle - loop.time())
         return ShardOutcome.STOPPED
 
-    async def _checkpoint(self, sequence: int, stop: asyncio.Event) -> None:
+    async def _checkpoint(self, sequence: int, stop: asyncio.Event) -> bool:
+        """Write a checkpoint, retrying store failures; ``False`` if ``stop`` came first."""
         attempt = 0
         while True:
             try:
@@ -627,11 +628,11 @@ class ShardConsumer:
                 self._count_failure(exc)
                 if await _wait_or_stop(stop, self._aws_backoff(attempt)):
                     # Stopping with the checkpoint unwritten: the next owner repeats the batch.
-                    return
+                    return False
                 attempt += 1
             else:
                 self._position = sequence
-                return
+                return True
 
     async def _call_handler(self, batch: ShardBatch) -> tuple[int, str] | None:
         """Run the handler; on failure, the index of the failed record (-1: unknown) and why."""
@@ -662,13 +663,17 @@ class ShardConsumer:
         size = len(pending)
         attempts = 0
         while pending:
+            if stop.is_set():
+                # Everything handled so far is checkpointed; the rest is the next owner's.
+                return False
             batch = ShardBatch(
                 self._config.stream_name, self.shard_id, tuple(pending[:size]), behind
             )
             failure = await self._call_handler(batch)
             if failure is None:
                 self._handled(len(batch.records))
-                await self._checkpoint(batch.records[-1].sequence_number, stop)
+                if not await self._checkpoint(batch.records[-1].sequence_number, stop):
+                    return False
                 pending = pending[len(batch.records) :]
                 size, attempts = len(pending), 0
                 continue
@@ -680,7 +685,8 @@ class ShardConsumer:
                 continue
             if index > 0:
                 self._handled(index)
-                await self._checkpoint(batch.records[index - 1].sequence_number, stop)
+                if not await self._checkpoint(batch.records[index - 1].sequence_number, stop):
+                    return False
                 pending = pending[index:]
                 attempts = 0
             attempts += 1
@@ -722,7 +728,8 @@ class ShardConsumer:
             return _Next.STOP if await _wait_or_stop(stop, delay) else _Next.RETRY
         if not await self._bury(failed, attempts, f"{verdict}; last failure: {reason}", stop):
             return _Next.STOP
-        await self._checkpoint(failed.sequence_number, stop)
+        if not await self._checkpoint(failed.sequence_number, stop):
+            return _Next.STOP
         return _Next.BURIED
 
     async def _bury(

@@ -29,6 +29,7 @@ from sandbox.pki import SandboxPki
 
 __all__ = [
     "aws_client",
+    "consumer_command",
     "create_stream",
     "moto_server",
     "put_records",
@@ -110,3 +111,79 @@ async def sandbox_aws(directory: Path) -> AsyncIterator[MotoSandbox]:
     pki = SandboxPki.load_or_create(directory / "pki")
     async with MotoSandbox(directory / "aws", pki=pki) as aws:
         yield aws
+
+
+# --- a consumer in a process of its own (SIGKILL and SIGTERM tests) ---------------------------
+
+
+async def _consume(endpoint_url: str, stream: str, table: str, worker: str) -> None:
+    """Run a StreamConsumer until SIGTERM; report on stdout, one JSON object per line.
+
+    Lines: ``{"owned": [...]}`` on every ownership change, ``{"seq": "...", "shard": "..."}``
+    for every record handled (before its checkpoint), ``{"exited": true}`` after the hand-off.
+    """
+    import asyncio
+    import json
+    import signal
+    import sys
+
+    import structlog
+
+    from cloud_daemon.consumer import ConsumerConfig, RecordFailure, ShardBatch, StreamConsumer
+    from cloud_daemon.deadletter import MemoryDeadLetter
+    from cloud_daemon.leases import DynamoLeaseStore
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+    def emit(message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    async def handle(batch: ShardBatch) -> RecordFailure | None:
+        for record in batch.records:
+            emit({"seq": str(record.sequence_number), "shard": record.shard_id})
+        return None
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    config = ConsumerConfig(
+        stream_name=stream,
+        worker_id=worker,
+        poll_interval=0.2,
+        max_idle_wait=0.4,
+        discovery_interval=0.3,
+        lease_duration=2.0,
+        renew_interval=0.5,
+    )
+    async with (
+        aws_client("kinesis", endpoint_url) as kinesis,
+        aws_client("dynamodb", endpoint_url) as dynamodb,
+        StreamConsumer(
+            kinesis=kinesis,
+            leases=DynamoLeaseStore(dynamodb, table),
+            handler=handle,
+            config=config,
+            dead_letter=MemoryDeadLetter(),
+            on_ownership_change=lambda owned: emit({"owned": sorted(owned)}),
+        ),
+    ):
+        emit({"started": worker})
+        await stop.wait()
+    emit({"exited": True})
+
+
+def consumer_command(endpoint_url: str, stream: str, table: str, worker: str) -> list[str]:
+    """The command line that runs :func:`_consume` in a child process."""
+    import sys
+
+    return [
+        sys.executable, "-m", "tests.adapters.kinesis_fixtures",
+        endpoint_url, stream, table, worker,
+    ]  # fmt: skip
+
+
+if __name__ == "__main__":
+    import asyncio
+    import sys
+
+    asyncio.run(_consume(*sys.argv[1:5]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -727,3 +728,157 @@ async def test_a_missing_stream_ends_the_consumer(
             await asyncio.Event().wait()
     (error,) = caught.value.exceptions
     assert type(error).__name__ == "ResourceNotFoundError"
+
+
+# --- consumers in processes of their own: SIGKILL and SIGTERM ------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ChildConsumer:
+    """A consumer process (``kinesis_fixtures._consume``) and what it reports on stdout."""
+
+    def __init__(self, worker: str, recorder: Recorder, ownership: Ownership) -> None:
+        self.worker = worker
+        self.recorder = recorder
+        self.ownership = ownership
+        self.exited = asyncio.Event()
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def run(self, command: list[str], log: Path) -> None:
+        """Start the process and follow its reports until its stdout closes."""
+        with log.open("ab") as stderr:
+            self.process = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=PROJECT_ROOT
+            )
+        assert self.process.stdout is not None
+        changed = self.ownership.callback(self.worker)
+        async for line in self.process.stdout:
+            report = json.loads(line)
+            if "seq" in report:
+                self.recorder.seen.append(
+                    Seen(
+                        self.worker, report["shard"], int(report["seq"]), "", b"", time.monotonic()
+                    )
+                )
+                self.recorder.changed.set()
+            elif "owned" in report:
+                changed(frozenset(report["owned"]))
+            elif "exited" in report:
+                self.exited.set()
+        await self.process.wait()
+        changed(frozenset())  # a dead process owns nothing
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+
+async def start_pair(
+    tg: asyncio.TaskGroup,
+    aws: MotoSandbox,
+    *,
+    stream: str,
+    table: str,
+    tmp_path: Path,
+    recorder: Recorder,
+    ownership: Ownership,
+) -> tuple[ChildConsumer, ChildConsumer]:
+    pair = (ChildConsumer("a", recorder, ownership), ChildConsumer("b", recorder, ownership))
+    for child in pair:
+        command = kf.consumer_command(aws.endpoint_url, stream, table, child.worker)
+        tg.create_task(child.run(command, tmp_path / f"{child.worker}.log"), name=child.worker)
+    return pair
+
+
+@pytest.mark.slow
+@sandboxed
+async def test_sigkill_a_consumer_process_and_the_other_takes_over_from_its_checkpoints(
+    aws: MotoSandbox,
+    kinesis: Any,
+    dynamodb: Any,
+    tmp_path: Path,
+    balanced: Callable[[dict[str, frozenset[str]]], bool],
+) -> None:
+    stream = kf.unique_name("killed")
+    await kf.create_stream(kinesis, stream, 4)
+    table = kf.unique_name("leases")
+    await create_lease_table(dynamodb, table)
+    store = DynamoLeaseStore(dynamodb, table)
+    recorder, ownership = Recorder(), Ownership()
+    async with asyncio.TaskGroup() as tg:
+        a, b = await start_pair(
+            tg,
+            aws,
+            stream=stream,
+            table=table,
+            tmp_path=tmp_path,
+            recorder=recorder,
+            ownership=ownership,
+        )
+        await ownership.wait(balanced, within=30)
+        put = await kf.put_records(kinesis, stream, items(200, 16))
+        await recorder.wait_for(set(put))
+        a_shards = ownership.owned["a"]
+        a.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        rows = await store.list_leases()
+        checkpoints = {sid: rows[sid].checkpoint for sid in a_shards}
+        assert all(rows[sid].owner == "a" for sid in a_shards)  # not released: it died
+        more = await kf.put_records(kinesis, stream, items(100, 16, prefix="late"))
+        await ownership.wait(lambda o: len(o.get("b", ())) == 4, within=15)
+        took = time.monotonic() - killed
+        await recorder.wait_for(set(more))
+        b.signal(signal.SIGTERM)
+    # the lease duration is 2 s; add a discovery round, a renewal period and process jitter
+    assert took < 2.0 + 0.3 + 0.5 + 1.0
+    assert set(recorder.sequences()) == set(put) | set(more)
+    shard_of = {s.seq: s.shard for s in recorder.seen}
+    by_b = {s.seq for s in recorder.seen if s.worker == "b" and s.shard in a_shards}
+    for seq in by_b:
+        checkpoint = checkpoints[shard_of[seq]]
+        # "b" resumed after "a"'s last checkpoint: only later records can repeat
+        assert checkpoint is None or seq > checkpoint
+
+
+@pytest.mark.slow
+@sandboxed
+async def test_sigterm_a_consumer_process_hands_off_without_repeats(
+    aws: MotoSandbox,
+    kinesis: Any,
+    dynamodb: Any,
+    tmp_path: Path,
+    balanced: Callable[[dict[str, frozenset[str]]], bool],
+) -> None:
+    stream = kf.unique_name("terminated")
+    await kf.create_stream(kinesis, stream, 4)
+    table = kf.unique_name("leases")
+    await create_lease_table(dynamodb, table)
+    recorder, ownership = Recorder(), Ownership()
+    async with asyncio.TaskGroup() as tg:
+        a, b = await start_pair(
+            tg,
+            aws,
+            stream=stream,
+            table=table,
+            tmp_path=tmp_path,
+            recorder=recorder,
+            ownership=ownership,
+        )
+        await ownership.wait(balanced, within=30)
+        put = await kf.put_records(kinesis, stream, items(200, 16))
+        await recorder.wait_for(set(put))
+        put += await kf.put_records(kinesis, stream, items(100, 16, prefix="mid"))
+        a.signal(signal.SIGTERM)
+        terminated = time.monotonic()
+        async with asyncio.timeout(10):
+            await a.exited.wait()
+        await ownership.wait(lambda o: len(o.get("b", ())) == 4, within=10)
+        took = time.monotonic() - terminated
+        put += await kf.put_records(kinesis, stream, items(100, 16, prefix="after"))
+        await recorder.wait_for(set(put))
+        b.signal(signal.SIGTERM)
+    assert a.process is not None
+    assert a.process.returncode == 0
+    assert took < 2.0  # released leases are taken at once, not after the 2 s expiry
+    assert sorted(recorder.sequences()) == sorted(put)  # every record exactly once
