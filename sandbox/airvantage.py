@@ -694,6 +694,10 @@ class _Ledger:
             if t.state is TaskState.IN_PROGRESS and (serial is None or t.serial == serial)
         ]
 
+    def still_unacked(self, task_uid: str) -> bool:
+        task = self.tasks.get(task_uid)
+        return task is not None and task.state is TaskState.IN_PROGRESS
+
     def due_redeliveries(self, *, now: float, interval: float) -> list[_Publish]:
         return [
             self._send(t, now=now)
@@ -1135,6 +1139,9 @@ class AirVantageEmulator:
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         while True:
             action = await self._outbox.get()
+            if not self._ledger.still_unacked(action.task_uid):
+                # Acknowledged while this (re)delivery waited in the outbox.
+                continue
             await client.publish(f"{action.serial}/tasks/json", action.payload, qos=1)
             self._published.append(
                 PublishedTask(action.serial, action.task_uid, json.loads(action.payload)[0])
