@@ -1,0 +1,362 @@
+"""The MQTT publisher against the sandbox IoT broker (mosquitto, mutual TLS), and its pure parts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from sandbox.brokers import IotBroker, write_client_certificate
+from sandbox.pki import SandboxPki
+from shared.errors import ConfigError, TransportError
+from tests.adapters import publisher_fixtures as pf
+from ztp_daemon.outbox import Outbox
+from ztp_daemon.publisher import (
+    AWS_ALPN_PROTOCOL,
+    Backoff,
+    ClientCredentials,
+    ConnectError,
+    FileCredentials,
+    Publisher,
+    PublisherConfig,
+    RatePacer,
+    build_tls_context,
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
+    return SandboxPki.load_or_create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[IotBroker]:
+    """A broker shared by the tests that never stop it."""
+    shared = IotBroker(tmp_path_factory.mktemp("iot"), pki=pki)
+    pf.run_on_private_loop(shared.start())
+    try:
+        yield shared
+    finally:
+        pf.run_on_private_loop(shared.stop())
+
+
+@pytest.fixture
+async def own_broker(tmp_path: Path, pki: SandboxPki) -> AsyncIterator[IotBroker]:
+    """A broker this test may stop and restart."""
+    mine = IotBroker(tmp_path / "iot", pki=pki)
+    async with mine:
+        yield mine
+
+
+def with_time(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    event["t"] = time.monotonic()
+    return event
+
+
+# -- pure parts --------------------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_under_a_cap() -> None:
+    backoff = Backoff(1.0, 8.0, random.Random(7))
+    assert backoff.delay(0) == 0.0
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (60, 8.0)]:
+        delays = [backoff.delay(attempt) for _ in range(300)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8, "full jitter spreads over the whole range"
+        assert min(delays) < ceiling * 0.2
+
+
+def test_backoff_is_reproducible_with_a_seed() -> None:
+    first = Backoff(1.0, 60.0, random.Random(3))
+    second = Backoff(1.0, 60.0, random.Random(3))
+    assert [first.delay(n) for n in range(1, 10)] == [second.delay(n) for n in range(1, 10)]
+
+
+def test_rate_pacer_spaces_events() -> None:
+    pacer = RatePacer(100.0)
+    waits = [pacer.reserve(10.0) for _ in range(5)]
+    assert waits == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
+    assert pacer.reserve(11.0) == 0.0, "an idle pacer does not bank a burst"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"keepalive": 29}, "publisher.keepalive"),
+        ({"keepalive": 1201}, "publisher.keepalive"),
+        ({"min_connect_interval": 0.5}, "publisher.min_connect_interval"),
+        ({"port": 0}, "publisher.port"),
+        ({"thing_name": ""}, "publisher.thing_name"),
+        ({"backoff_base": 10.0, "backoff_cap": 5.0}, "publisher.backoff_base"),
+        ({"drain_timeout": 0}, "publisher.drain_timeout"),
+        ({"publish_rate": 0.0}, "publisher.publish_rate"),
+        ({"message_id_property": ""}, "publisher.message_id_property"),
+    ],
+)
+def test_config_validates_when_built(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PublisherConfig(**{"thing_name": "t", **overrides})  # type: ignore[arg-type]
+    assert caught.value.key == key
+
+
+def test_config_bounds_and_alpn_default() -> None:
+    assert PublisherConfig(thing_name="t", keepalive=30).keepalive == 30
+    assert PublisherConfig(thing_name="t", keepalive=1200).keepalive == 1200
+    assert PublisherConfig(thing_name="t", port=443).use_alpn
+    assert not PublisherConfig(thing_name="t", port=8883).use_alpn
+    assert PublisherConfig(thing_name="t", port=8883, alpn=True).use_alpn
+    assert PublisherConfig(thing_name="t").publish_rate == 100.0, "AWS's per-connection limit"
+
+
+def test_connect_error_is_a_transport_error() -> None:
+    error = ConnectError("refused")
+    assert isinstance(error, TransportError)
+    assert error.reason == "refused"
+
+
+async def test_tls_context_offers_the_aws_alpn_and_presents_the_certificate(
+    pki: SandboxPki, tmp_path: Path
+) -> None:
+    """A real TLS server sees our ALPN protocol and our client certificate's CN."""
+    cert_file, key_file = pki.server_certificate("alpn-server")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_file))
+    server_context.load_cert_chain(str(cert_file), str(key_file))
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    server_context.set_alpn_protocols([AWS_ALPN_PROTOCOL])
+    seen: asyncio.Future[tuple[str | None, object]] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = writer.get_extra_info("ssl_object")
+        seen.set_result((tls.selected_alpn_protocol(), tls.getpeercert()["subject"]))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    thing = write_client_certificate(pki, "alpn-thing", tmp_path)
+    credentials = ClientCredentials(thing.cert_file, thing.key_file, "127.0.0.1", "v1")
+    async with server:
+        for alpn in (True, False):
+            context = build_tls_context(credentials, ca_file=pki.ca_file, alpn=alpn)
+            seen = asyncio.get_running_loop().create_future()
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+            protocol, subject = await asyncio.wait_for(seen, 5)
+            writer.close()
+            assert protocol == (AWS_ALPN_PROTOCOL if alpn else None)
+            assert (("commonName", "alpn-thing"),) in subject  # type: ignore[operator]
+
+
+# -- against the sandbox IoT broker ------------------------------------------------------------
+
+
+async def test_publish_round_trip_with_stable_ids(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(broker, pki, thing)
+    async with (
+        pf.observe(broker, f"dt/{thing}/#") as observer,
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)) as publisher,
+    ):
+        ids = await asyncio.gather(
+            *(outbox.submit(f"dt/{thing}/telemetry", f"m{i}".encode()) for i in range(200))
+        )
+        await observer.wait_for(200)
+        await pf.wait_until(lambda: outbox.stats().depth == 0)
+        assert publisher.stats().published == 200
+    assert observer.ids == set(ids)
+    by_id = {m.message_id: m.payload for m in observer.messages}
+    assert by_id[ids[7]] == b"m7"
+    assert {m.topic for m in observer.messages} == {f"dt/{thing}/telemetry"}
+    async with Outbox(tmp_path / "outbox.db") as reopened:
+        assert reopened.stats().depth == 0, "acked rows are deleted"
+
+
+async def test_mqtt311_mode_publishes_without_ids(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(broker, pki, thing, message_id_property=None)
+    async with (
+        pf.observe(broker, f"dt/{thing}/#") as observer,
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)),
+    ):
+        await outbox.put(f"dt/{thing}/x", b"plain")
+        await observer.wait_for(1)
+    assert observer.messages[0].message_id is None
+
+
+async def test_broker_outage_loses_nothing(
+    own_broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """1,000 messages produced while the broker is down all arrive after it comes back."""
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(own_broker, pki, thing)
+    credentials = pf.GatedCredentials(pf.credentials_for(cert))
+    async with (
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=credentials) as publisher,
+    ):
+        await asyncio.wait_for(publisher.wait_connected(), 5)
+        await own_broker.stop()
+        with structlog.testing.capture_logs() as logs:
+            ids = []
+            for batch in range(10):
+                ids += await asyncio.gather(
+                    *(
+                        outbox.submit(f"dt/{thing}/x", f"m{batch * 100 + i}".encode())
+                        for i in range(100)
+                    )
+                )
+            await asyncio.sleep(1.5)  # reconnect attempts fail meanwhile
+            # Hold the next attempt until the observer listens on the restarted broker.
+            credentials.close()
+            await own_broker.start()
+        assert not publisher.connected
+        assert outbox.stats().depth == 1000
+        failures = [e for e in logs if e["event"] == "publisher.connect_failed"]
+        assert failures, "each failed attempt is logged"
+        assert all(e["reason"] for e in failures)
+        async with pf.observe(own_broker, f"dt/{thing}/#") as observer:
+            credentials.open()
+            await observer.wait_for(1000, within=20)
+            await pf.wait_until(lambda: outbox.stats().depth == 0)
+        assert publisher.stats().connects >= 2
+    assert observer.ids == set(ids), "all 1,000 arrive (duplicates allowed, no loss)"
+
+
+async def test_reconnects_are_paced_and_logged_with_reasons(
+    own_broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """Against a stopped broker: attempts at least 1 s apart (1 CONNECT/s), each reason logged."""
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(own_broker, pki, thing, backoff_base=0.01, backoff_cap=0.01)
+    await own_broker.stop()
+    with structlog.testing.capture_logs(processors=[with_time]) as logs:
+        async with (
+            Outbox(tmp_path / "outbox.db") as outbox,
+            Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)),
+        ):
+            await asyncio.sleep(2.5)
+    attempts = [e["t"] for e in logs if e["event"] == "publisher.connecting"]
+    failures = [e for e in logs if e["event"] == "publisher.connect_failed"]
+    assert 2 <= len(attempts) <= 3
+    assert all(b - a >= 0.99 for a, b in itertools.pairwise(attempts))
+    assert len(failures) >= 2
+    assert all("refused" in e["reason"].lower() for e in failures), failures
+
+
+async def test_refused_certificate_is_retried_with_the_reason(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """A certificate from another CA fails the handshake; the reason names TLS."""
+    thing = pf.unique_thing_name()
+    other_ca = SandboxPki.load_or_create(tmp_path / "other-ca")
+    cert = write_client_certificate(other_ca, thing, tmp_path)
+    config = pf.fast_config(broker, pki, thing, connect_timeout=1.0)
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            Outbox(tmp_path / "outbox.db") as outbox,
+            Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)) as pub,
+        ):
+            await outbox.put(f"dt/{thing}/x", b"kept")
+            await pf.wait_until(lambda: pub.stats().last_error is not None)
+            assert not pub.connected
+        assert outbox.stats().depth == 1, "nothing is lost while it cannot connect"
+    failures = [e for e in logs if e["event"] == "publisher.connect_failed"]
+    assert failures
+    assert not any("PRIVATE KEY" in str(e) for e in logs)
+
+
+async def test_new_certificate_reconnects_without_losing_messages(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """The bundle's certificate changes: drain, reconnect with it; the old one is revoked."""
+    thing = pf.unique_thing_name()
+    old = write_client_certificate(pki, thing, tmp_path / "old")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert_file, key_file = live / "cert.pem", live / "key.pem"
+    cert_file.write_bytes(old.cert_file.read_bytes())
+    key_file.write_bytes(old.key_file.read_bytes())
+    credentials = FileCredentials(cert_file, key_file, "127.0.0.1")
+    config = pf.fast_config(broker, pki, thing)
+    async with (
+        pf.observe(broker, f"dt/{thing}/#") as observer,
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=credentials) as publisher,
+    ):
+        await asyncio.wait_for(publisher.wait_connected(), 5)
+        first = await asyncio.gather(
+            *(outbox.submit(f"dt/{thing}/x", f"a{i}".encode()) for i in range(300))
+        )
+        new = write_client_certificate(pki, thing, tmp_path / "new")
+        # Revoke the old certificate: only a reconnect with the new one can succeed now.
+        await broker.reload_crl([old.serial])
+        for source, target in ((new.key_file, key_file), (new.cert_file, cert_file)):
+            staging = target.with_suffix(".tmp")
+            staging.write_bytes(source.read_bytes())
+            staging.replace(target)
+        await pf.wait_until(lambda: publisher.stats().connects >= 2)
+        second = await asyncio.gather(
+            *(outbox.submit(f"dt/{thing}/x", f"b{i}".encode()) for i in range(300))
+        )
+        await observer.wait_for(600)
+        await pf.wait_until(lambda: outbox.stats().depth == 0)
+        assert publisher.stats().connects == 2
+    await broker.reload_crl([])
+    assert observer.ids >= set(first) | set(second)
+
+
+async def test_shutdown_drains_in_flight_and_keeps_the_rest(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """Leaving the context stops sending, waits for PUBACKs, and leaves unsent rows on disk."""
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(broker, pki, thing, publish_rate=500.0)
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            Outbox(tmp_path / "outbox.db") as outbox,
+            Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)) as pub,
+        ):
+            await asyncio.gather(
+                *(outbox.submit(f"dt/{thing}/x", f"m{i}".encode()) for i in range(2000))
+            )
+            await pf.wait_until(lambda: pub.stats().published >= 100)
+            began = time.monotonic()
+        elapsed = time.monotonic() - began
+        published = pub.stats().published
+        assert outbox.stats().in_flight == 0
+    assert elapsed < config.drain_timeout + 1.0
+    assert any(e["event"] == "publisher.drained" for e in logs)
+    async with Outbox(tmp_path / "outbox.db") as reopened:
+        assert reopened.stats().depth == 2000 - published, "acked gone, the rest kept"
+
+
+async def test_shutdown_while_disconnected_is_prompt(
+    own_broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(own_broker, pki, thing, backoff_base=5.0, backoff_cap=5.0)
+    await own_broker.stop()
+    async with Outbox(tmp_path / "outbox.db") as outbox:
+        publisher = Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert))
+        async with publisher:
+            await pf.wait_until(lambda: publisher.stats().last_error is not None)
+            began = time.monotonic()
+        assert time.monotonic() - began < 0.5
