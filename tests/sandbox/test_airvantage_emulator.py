@@ -852,3 +852,106 @@ async def test_no_secret_reaches_a_log_event(
     assert "airvantage_emulator.token_issued" in text
     for secret in (device_password, token, CLIENT_SECRET, USER[1]):
         assert secret not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Interoperability with the project's own codec (shared/airvantage.py): two independent
+# implementations of DESIGN.md §3 must understand each other.
+
+
+@pytest.mark.parametrize("style", ["nested", "flat"])
+async def test_shared_codec_and_emulator_understand_each_other(
+    *,
+    make_emulator: Factory,
+    http: aiohttp.ClientSession,
+    broker: Broker,
+    moto_endpoint: str,
+    stream: str,
+    style: str,
+) -> None:
+    from shared import airvantage as wire
+
+    async with make_emulator(envelope_style=style, operation_events=True) as emulator:
+        serial = new_serial()
+        uid = await emulator.register_system(serial, "device-password")
+        token = await get_token(http, emulator)
+        sent = [
+            (wire.DataShape.PLAIN, [wire.DataPoint("ztp.csr", "P")]),
+            (wire.DataShape.TIMESTAMPED, [wire.DataPoint("ztp.csr", "T", 1_700_000_000_000)]),
+            (
+                wire.DataShape.ARRAY,
+                [
+                    wire.DataPoint("ztp.csr", "A", 1_700_000_000_001),
+                    wire.DataPoint("ztp.request_id", "r-1", 1_700_000_000_001),
+                    wire.DataPoint("not.declared", 1, 1_700_000_000_001),
+                ],
+            ),
+        ]
+        async with device(broker, serial) as gateway:
+            for shape, points in sent:
+                payload = wire.encode_device_message(points, shape=shape)
+                await gateway.publish(wire.messages_topic(serial), payload, qos=1)
+            await emulator.wait_until(lambda: len(emulator.records_put) == 3)
+            operation = await command(http, emulator, token, [uid], {"fragment": "f", "i": 3})
+            [task] = wire.parse_tasks(await next_tasks_raw(gateway))
+            assert isinstance(task, wire.CommandTask)
+            assert (task.command_id, dict(task.params)) == (
+                "ztp.deliver",
+                {"fragment": "f", "i": 3},
+            )
+            await gateway.publish(
+                wire.acks_topic(serial), wire.encode_acks([wire.Ack.ok(task.uid)]), qos=1
+            )
+            status, body, _ = await api(
+                http,
+                emulator,
+                "POST",
+                "/api/v1/operations/systems/settings",
+                token,
+                body={
+                    "systems": {"uids": [uid]},
+                    "settings": [{"key": "/ztp/ztp/cert1", "value": "c"}],
+                },
+            )
+            assert status == 200
+            [settings_task] = wire.parse_tasks(await next_tasks_raw(gateway))
+            assert isinstance(settings_task, wire.OtherTask)
+            assert settings_task.kinds == ("settings",)
+            await gateway.publish(
+                wire.acks_topic(serial),
+                wire.encode_acks([wire.Ack.error(settings_task.uid, "settings unsupported")]),
+                qos=1,
+            )
+            await emulator.wait_until(
+                lambda: emulator.operation(body["operation"]).counters["FAILURE"] == 1
+            )
+            await emulator.wait_until(lambda: len(emulator.records_put) == 7)
+        records = await read_stream(moto_endpoint, stream)
+    events = [wire.parse_envelope(json.dumps(envelope)) for _, envelope in records]
+    incoming = [e for e in events if isinstance(e, wire.IncomingCommunication)]
+    changes = [e for e in events if isinstance(e, wire.OperationStateChange)]
+    assert len(incoming) == 3
+    assert {(e.system_uid, e.serial) for e in incoming} == {(uid, serial)}
+    values = [{(p.path, p.value, p.timestamp_ms) for p in e.points} for e in incoming]
+    if style == "flat":
+        # Flat records carry no timestamps of their own.
+        assert values[1] == {("ztp.csr", "T", None)}
+        assert values[2] == {("ztp.csr", "A", None), ("ztp.request_id", "r-1", None)}
+    else:
+        assert values[1] == {("ztp.csr", "T", 1_700_000_000_000)}
+        assert values[2] == {
+            ("ztp.csr", "A", 1_700_000_000_001),
+            ("ztp.request_id", "r-1", 1_700_000_000_001),
+        }
+    assert [(c.operation_uid, c.new_state) for c in changes if c.operation_uid == operation] == [
+        (operation, "IN_PROGRESS"),
+        (operation, "FINISHED"),
+    ]
+    assert changes[1].counters["SUCCESS"] == 1
+
+
+async def next_tasks_raw(client: aiomqtt.Client) -> bytes:
+    async with asyncio.timeout(WAIT):
+        message = await anext(aiter(client.messages))
+    assert isinstance(message.payload, bytes)
+    return message.payload
