@@ -596,6 +596,10 @@ class _Ledger:
     tasks: dict[str, _Task] = field(default_factory=dict)
     held: list[_Task] = field(default_factory=list)
     last_seen: dict[str, float] = field(default_factory=dict)
+    # Tasks delivered and not yet acknowledged, and operations whose state may have moved:
+    # kept aside so acks and redeliveries cost O(open work), not O(history).
+    open_tasks: dict[str, _Task] = field(default_factory=dict)
+    touched: set[str] = field(default_factory=set)
 
     # Tokens ------------------------------------------------------------------------------
 
@@ -652,6 +656,7 @@ class _Ledger:
             operation.tasks.append(task)
             self.tasks[task.uid] = task
         self.operations[operation.uid] = operation
+        self.touched.add(operation.uid)
         return operation, self._dispatch(operation.tasks, now=now)
 
     def _dispatch(self, tasks: list[_Task], *, now: float) -> list[_Publish]:
@@ -678,6 +683,8 @@ class _Ledger:
     def _send(self, task: _Task, *, now: float) -> _Publish:
         if task.state is TaskState.PENDING:
             task.state = TaskState.IN_PROGRESS
+            self.open_tasks[task.uid] = task
+            self.touched.add(task.operation_uid)
         task.last_sent = now
         return _Publish(serial=task.serial, task_uid=task.uid, payload=task.payload())
 
@@ -688,15 +695,10 @@ class _Ledger:
         return [self._send(task, now=now) for task in tasks]
 
     def unacked(self, serial: str | None = None) -> list[_Task]:
-        return [
-            t
-            for t in self.tasks.values()
-            if t.state is TaskState.IN_PROGRESS and (serial is None or t.serial == serial)
-        ]
+        return [t for t in self.open_tasks.values() if serial is None or t.serial == serial]
 
     def still_unacked(self, task_uid: str) -> bool:
-        task = self.tasks.get(task_uid)
-        return task is not None and task.state is TaskState.IN_PROGRESS
+        return task_uid in self.open_tasks
 
     def due_redeliveries(self, *, now: float, interval: float) -> list[_Publish]:
         return [
@@ -713,17 +715,16 @@ class _Ledger:
             return []
         return [self._send(t, now=now) for t in self.unacked(serial)]
 
-    def operation_states(self) -> dict[str, OperationState]:
-        return {uid: op.state for uid, op in self.operations.items()}
-
-    def refresh_states(self) -> list[_Operation]:
-        """Recompute every operation's state; return those whose state changed."""
+    def refresh_states(self) -> list[tuple[_Operation, OperationState]]:
+        """Recompute touched operations' states; return ``(operation, old state)`` per change."""
         changed = []
-        for operation in self.operations.values():
+        for uid in sorted(self.touched):
+            operation = self.operations[uid]
             new = operation.derive_state()
             if new is not operation.state:
+                changed.append((operation, operation.state))
                 operation.state = new
-                changed.append(operation)
+        self.touched.clear()
         return changed
 
     def record_ack(self, serial: str, uid: str, status: str, message: str | None) -> bool:
@@ -735,6 +736,8 @@ class _Ledger:
             return False
         task.state = TaskState.SUCCESS if status == "OK" else TaskState.FAILURE
         task.message = message
+        self.open_tasks.pop(uid, None)
+        self.touched.add(task.operation_uid)
         return True
 
 
@@ -1003,6 +1006,7 @@ class AirVantageEmulator:
         """Publish the tasks the reorder fault holds now, in reverse order, and stop holding."""
         self.faults.reorder_tasks = 0
         self._publish_all(self._ledger.release_held(now=self._loop_time()))
+        self._after_operations_moved()
 
     def operations(self) -> list[OperationSnapshot]:
         """Return every operation, oldest first."""
@@ -1065,17 +1069,15 @@ class AirVantageEmulator:
             self._outbox.put_nowait(action)
 
     def _after_operations_moved(self) -> None:
-        old = self._ledger.operation_states()
-        changed = self._ledger.refresh_states()
         now_ms = int(self._clock() * 1000)
-        for operation in changed:
+        for operation, old in self._ledger.refresh_states():
             log.info(
                 "airvantage_emulator.operation_state",
                 operation=operation.uid,
                 state=operation.state.value,
             )
             if self._operation_events:
-                envelope = _operation_envelope(operation, old[operation.uid], now_ms)
+                envelope = _operation_envelope(operation, old, now_ms)
                 self._enqueue_record(_Record(operation.uid, envelope))
         self._bump()
 

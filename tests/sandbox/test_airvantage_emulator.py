@@ -714,14 +714,15 @@ async def test_release_held_tasks(
     token = await get_token(http, emulator)
     emulator.faults.reorder_tasks = 5
     async with device(broker, serial) as gateway:
-        for i in range(2):
-            await command(http, emulator, token, [uid], {"i": i})
+        operations = [await command(http, emulator, token, [uid], {"i": i}) for i in range(2)]
+        assert {emulator.operation(o).state for o in operations} == {OperationState.SCHEDULED}
         async with http.post(
             f"{emulator.api_url}/_emulator/faults", json={"release_held_tasks": True}
         ) as response:
             assert (await response.json())["reorder_tasks"] == 0
         received = [(await next_tasks(gateway))[0]["command"]["params"]["i"] for _ in range(2)]
     assert received == [1, 0]
+    assert {emulator.operation(o).state for o in operations} == {OperationState.IN_PROGRESS}
 
 
 async def test_duplicated_connector_records(
