@@ -11,19 +11,22 @@ is at fault, so a caller can catch either ``DeviceError`` or ``PeerError``/``Usa
   refused before anything is stored. Acked ERROR, reported as rejected, retried after backoff.
 - :class:`StorageError` (local): the key store, the state file or the credential bundle could not
   be read or written. Not the peer's fault and not a bug: disk full, permissions, corruption.
+- :class:`LinkError` (the path, a ``TransportError``): the AirVantage link is down or a publish
+  on it did not complete. The link reconnects by itself; the caller sends again once it is up.
 
 No message carries a secret: errors name paths, key types and reasons, never key material.
 """
 
 from __future__ import annotations
 
-from shared.errors import PeerError, UsageError, ZtpError
+from shared.errors import PeerError, TransportError, UsageError, ZtpError
 
 __all__ = [
     "BadEndpointError",
     "DeviceError",
     "ExpiredError",
     "IllegalTransitionError",
+    "LinkError",
     "MalformedCertificateError",
     "NotYetValidError",
     "StorageError",
@@ -125,3 +128,15 @@ class StorageError(DeviceError):
         self.path = path
         self.operation = operation
         self.detail = detail
+
+
+class LinkError(DeviceError, TransportError):
+    """The AirVantage link is down, or a publish on it did not complete; retry after reconnect.
+
+    Attributes:
+        reason: a short description (not connected, CONNACK refused, timeout...).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"AirVantage link: {reason}")
+        self.reason = reason
