@@ -116,6 +116,20 @@ def test_config_bounds_and_alpn_default() -> None:
     assert PublisherConfig(thing_name="t").publish_rate == 100.0, "AWS's per-connection limit"
 
 
+@pytest.mark.parametrize("message_id", ["abc-1", "0123456789abcdef-" + "9" * 200, "é-1"])
+def test_message_id_property_packs_like_paho(message_id: str) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from ztp_daemon.publisher import _MessageIdProperty, _user_property_prefix
+
+    reference = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    reference.UserProperty = ("ztp-id", message_id)
+    ours = _MessageIdProperty(_user_property_prefix("ztp-id"), message_id)
+    assert ours.pack() == reference.pack()  # type: ignore[no-untyped-call]
+    assert message_id in str(ours)
+
+
 def test_connect_error_is_a_transport_error() -> None:
     error = ConnectError("refused")
     assert isinstance(error, TransportError)
