@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.config import env_names
+from ztp_daemon.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, DeviceConfig
+from ztp_daemon.state import DEFAULT_STATE_DIRECTORY
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "ztp-daemon.service"
 EXEC_START = "/opt/ztp/bin/ztp-daemon run --config /etc/ztp/ztp.toml"
@@ -155,6 +159,21 @@ def test_password_arrives_as_a_credential(unit: Unit) -> None:
     # The password itself never sits in the unit, where `systemctl show` would print it.
     assert not any(key == "ZTP_AIRVANTAGE_PASSWORD" for key in environment)
     assert values(unit, "Service", "SetCredential") == []
+
+
+def test_unit_agrees_with_the_device_configuration(unit: Unit) -> None:
+    # load_config refuses an unknown ZTP_* variable, so a stale name would stop the daemon.
+    known = env_names(DeviceConfig, env_prefix=ENV_PREFIX)
+    for line in values(unit, "Service", "Environment"):
+        for item in line.split():
+            name = item.split("=", 1)[0]
+            assert name in known, f"Environment={name}: no configuration key reads it"
+    assert known["ZTP_AIRVANTAGE_PASSWORD_FILE"] == "airvantage.password"
+    assert one(unit, "Service", "ExecStart").endswith(f"--config {DEFAULT_CONFIG_PATH}")
+    assert Path("/var/lib") / one(unit, "Service", "StateDirectory") == DEFAULT_STATE_DIRECTORY
+    assert DEFAULT_CONFIG_PATH.parent == Path("/etc") / one(
+        unit, "Service", "ConfigurationDirectory"
+    )
 
 
 @pytest.mark.parametrize(
