@@ -3,8 +3,9 @@ the ECS task definition and the Dockerfile hold together.
 
 The IAM actions are derived from the code itself: every ``cloud_daemon/*.py`` is parsed (ast) for
 calls whose method name is an operation of the Kinesis, IoT or DynamoDB botocore service models
-(``client.get_records(...)``), string operation names handed to a dispatcher
-(``getattr(client, "put_item")``), and ``get_paginator("...")`` / ``get_waiter("...")``. A new
+(``client.get_records(...)``), operation names handed to a dispatcher as strings
+(``getattr(client, "put_item")``, ``self._call("CreateThing", ...)``), and
+``get_paginator("...")`` / ``get_waiter("...")``. A new
 call without its permission, or a permission no code uses any more, fails the test.
 """
 
@@ -38,7 +39,7 @@ RECEIVER_HINTS = {"kinesis": "kinesis", "iot": "iot", "dynamo": "dynamodb", "ddb
 # never the running daemon: their calls (CreateTable, DescribeTable) stay out of its role.
 SETUP_ONLY = {"create_lease_table": "leases.py", "create_ledger_table": "ledger.py"}
 # AWS offers no resource type for these, so they can only be granted on "*".
-UNSCOPED_ACTIONS = {"iot:CreateCertificateFromCsr", "iot:DescribeEndpoint"}
+UNSCOPED_ACTIONS = {"iot:CreateCertificateFromCsr", "iot:DescribeEndpoint", "iot:ListCertificates"}
 # Statements whose actions must be exactly what one module calls on that resource.
 STATEMENT_MODULES = {"LeaseTable": "leases.py", "IssuanceLedger": "ledger.py"}
 PLACEHOLDERS = ("REGION", "ACCOUNT_ID")
@@ -55,6 +56,16 @@ def operations() -> Mapping[str, tuple[tuple[str, str], ...]]:
     for service in SERVICES:
         for name in session.get_service_model(service).operation_names:
             table.setdefault(botocore.xform_name(name), []).append((service, name))
+    return {key: tuple(value) for key, value in table.items()}
+
+
+@cache
+def pascal_operations() -> Mapping[str, tuple[tuple[str, str], ...]]:
+    """OperationName (``GetRecords``) -> ((service, OperationName), ...)."""
+    table: dict[str, list[tuple[str, str]]] = {}
+    for candidates in operations().values():
+        for service, name in candidates:
+            table.setdefault(name, []).append((service, name))
     return {key: tuple(value) for key, value in table.items()}
 
 
@@ -149,10 +160,12 @@ class _CallFinder(ast.NodeVisitor):
                 and receiver not in ("self", "cls")
             ):
                 self._record(node, operations()[func.attr], receiver)
-            # An operation name handed to a dispatcher: getattr(client, "put_item").
+            # An operation name handed to a dispatcher, as the method's name or the API's:
+            # getattr(client, "put_item"), self._call("CreateThing", ...).
             for name in literal_args:
-                if name in operations():
-                    self._record(node, operations()[name], receiver)
+                for table in (operations(), pascal_operations()):
+                    if name in table:
+                        self._record(node, table[name], receiver)
         self.generic_visit(node)
 
 
@@ -282,6 +295,7 @@ async def consume(self):
 async def store(self):
     await getattr(self._client, "put_item")(TableName=t)
     await self._conditional("update_item", Item={})
+    await self._call("CreateThing", thingName="t")
 async def create_lease_table(client, name):
     await client.create_table(TableName=name)
     await client.get_waiter("table_exists").wait(TableName=name)
@@ -298,6 +312,7 @@ def test_the_scanner_finds_every_kind_of_call() -> None:
         ("iot:ListThings", "consume"),
         ("dynamodb:PutItem", "store"),
         ("dynamodb:UpdateItem", "store"),
+        ("iot:CreateThing", "store"),
         ("dynamodb:CreateTable", "create_lease_table"),
         ("dynamodb:DescribeTable", "create_lease_table"),
         ("iot:TagResource", "tag"),
