@@ -48,7 +48,9 @@ class TokenBucket:
 
     Args:
         rate: tokens per second.
-        burst: the bucket's capacity (default: one second's worth, at least 1).
+        burst: the bucket's capacity. The default, 1, spaces calls evenly ``1 / rate`` apart:
+            AWS does not publish IoT's burst allowance, and a full second's burst on top of
+            the rate could put ``2 * rate`` calls into one second.
         now: the time the bucket starts, full.
 
     Raises:
@@ -57,7 +59,7 @@ class TokenBucket:
 
     def __init__(self, *, rate: float, burst: float | None = None, now: float) -> None:
         self.rate = _check_positive("rate", rate)
-        self.burst = max(1.0, self.rate) if burst is None else _check_positive("burst", burst)
+        self.burst = 1.0 if burst is None else _check_positive("burst", burst)
         self._tokens = self.burst
         self._stamp = now
 

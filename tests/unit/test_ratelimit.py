@@ -12,8 +12,14 @@ from cloud_daemon.ratelimit import Backoff, RateLimiter, TokenBucket
 from shared.errors import UsageError
 
 
-def test_a_full_bucket_allows_a_burst_then_spaces_calls() -> None:
+def test_by_default_calls_are_spaced_evenly() -> None:
     bucket = TokenBucket(rate=15.0, now=0.0)
+    waits = [bucket.reserve(0.0) for _ in range(4)]
+    assert waits == pytest.approx([0.0, 1 / 15, 2 / 15, 3 / 15])
+
+
+def test_a_full_bucket_allows_a_burst_then_spaces_calls() -> None:
+    bucket = TokenBucket(rate=15.0, burst=15.0, now=0.0)
     waits = [bucket.reserve(0.0) for _ in range(17)]
     assert waits[:15] == [0.0] * 15
     assert waits[15] == pytest.approx(1 / 15)
@@ -97,22 +103,21 @@ async def test_limiter_keeps_one_bucket_per_api() -> None:
     )
     assert limiter.limit_for("CreateThing") == 4.0
     assert limiter.limit_for("AttachPolicy") == 2.0
-    for _ in range(2):
-        assert await limiter.acquire("AttachPolicy") == 0.0
-    for _ in range(4):
-        assert await limiter.acquire("CreateThing") == 0.0
-    assert await limiter.acquire("AttachPolicy") == pytest.approx(0.5)
-    # The 0.5 s slept for AttachPolicy refilled two of CreateThing's tokens: no wait.
+    assert await limiter.acquire("AttachPolicy") == 0.0
     assert await limiter.acquire("CreateThing") == 0.0
-    assert fake.slept == [pytest.approx(0.5)]
+    assert await limiter.acquire("AttachPolicy") == pytest.approx(0.5)
+    # The 0.5 s slept for AttachPolicy refilled CreateThing's token: no wait.
+    assert await limiter.acquire("CreateThing") == 0.0
+    assert await limiter.acquire("CreateThing") == pytest.approx(0.25)
+    assert fake.slept == [pytest.approx(0.5), pytest.approx(0.25)]
 
 
 async def test_limiter_really_paces_calls() -> None:
     limiter = RateLimiter(default_tps=50.0)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await asyncio.gather(*(limiter.acquire("CreateCertificateFromCsr") for _ in range(60)))
-    # 50 from the full bucket, then 10 more at 50 per second: about 0.2 s.
+    await asyncio.gather(*(limiter.acquire("CreateCertificateFromCsr") for _ in range(11)))
+    # One at once, then ten more at 50 per second: about 0.2 s.
     assert 0.15 <= loop.time() - start < 1.0
 
 
