@@ -607,7 +607,10 @@ class ShardConsumer:
                 return ShardOutcome.STOPPED
             iterator = answer.get("NextShardIterator")
             if iterator is None:
-                await self._leases.mark_finished(self.shard_id, owner=self._owner)
+                if not await self._persist(
+                    lambda: self._leases.mark_finished(self.shard_id, owner=self._owner), stop
+                ):
+                    return ShardOutcome.STOPPED  # the next owner reads the (empty) end again
                 self.counters.finished = True
                 _log.info("consumer.shard_finished", checkpoint=self._position)
                 return ShardOutcome.FINISHED
@@ -617,22 +620,34 @@ class ShardConsumer:
             wait = max(0.0, started + idle - loop.time())
         return ShardOutcome.STOPPED
 
-    async def _checkpoint(self, sequence: int, stop: asyncio.Event) -> bool:
-        """Write a checkpoint, retrying store failures; ``False`` if ``stop`` came first."""
+    async def _persist(self, write: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+        """Run a lease-store write, retrying store failures; ``False`` if ``stop`` came first.
+
+        Raises:
+            LeaseLostError: we no longer own the lease (never retried: it ends the reader).
+        """
         attempt = 0
         while True:
             try:
-                await self._leases.checkpoint(self.shard_id, owner=self._owner, sequence=sequence)
+                await write()
             except (AwsServiceError, AwsTransportError) as exc:
-                # LeaseLostError is not among these: it ends the reader.
                 self._count_failure(exc)
                 if await _wait_or_stop(stop, self._aws_backoff(attempt)):
-                    # Stopping with the checkpoint unwritten: the next owner repeats the batch.
                     return False
                 attempt += 1
             else:
-                self._position = sequence
                 return True
+
+    async def _checkpoint(self, sequence: int, stop: asyncio.Event) -> bool:
+        """Checkpoint ``sequence``; ``False`` if ``stop`` came before the store answered (the
+        next owner then repeats what was handled since the last checkpoint)."""
+        written = await self._persist(
+            lambda: self._leases.checkpoint(self.shard_id, owner=self._owner, sequence=sequence),
+            stop,
+        )
+        if written:
+            self._position = sequence
+        return written
 
     async def _call_handler(self, batch: ShardBatch) -> tuple[int, str] | None:
         """Run the handler; on failure, the index of the failed record (-1: unknown) and why."""
@@ -656,12 +671,13 @@ class ShardConsumer:
         """Hand ``records`` to the handler under the processing contract.
 
         Returns:
-            ``False`` when ``stop`` interrupted a retry wait (the failing record is not
-            checkpointed, so the next owner retries it).
+            ``False`` when ``stop`` ended processing early; everything handled up to then is
+            checkpointed, unless the store failed too (then the next owner repeats it).
         """
         pending = records
-        size = len(pending)
-        attempts = 0
+        size = len(pending)  # records per handler call: the whole batch unless narrowing
+        narrowing = False  # bisecting towards a record that fails without being named
+        attempts = 0  # failed attempts of pending[0], once it is alone
         while pending:
             if stop.is_set():
                 # Everything handled so far is checkpointed; the rest is the next owner's.
@@ -675,12 +691,15 @@ class ShardConsumer:
                 if not await self._checkpoint(batch.records[-1].sequence_number, stop):
                     return False
                 pending = pending[len(batch.records) :]
-                size, attempts = len(pending), 0
+                if attempts:  # a record that failed alone succeeded on retry: back to batches
+                    narrowing, attempts = False, 0
+                size = min(size, len(pending)) if narrowing else len(pending)
                 continue
             index, reason = failure
             if index < 0 and len(batch.records) > 1:
                 # The batch failed without saying which record: bisect, without waiting, until
-                # the failing record is alone.
+                # the failing record is alone. Halves that succeed keep the narrowed size.
+                narrowing = True
                 size = math.ceil(len(batch.records) / 2)
                 continue
             if index > 0:
@@ -696,7 +715,7 @@ class ShardConsumer:
                     return False
                 case _Next.BURIED:
                     pending = pending[1:]
-                    size, attempts = len(pending), 0
+                    size, narrowing, attempts = len(pending), False, 0
                 case _Next.RETRY:
                     pass
         return True
