@@ -15,16 +15,22 @@ import ast
 import json
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import botocore
 import botocore.session
 import pytest
+
+from shared import messages
 
 ROOT = Path(__file__).resolve().parents[2]
 CLOUD = ROOT / "cloud_daemon"
@@ -457,3 +463,73 @@ def test_dockerfile_installs_the_project_from_files_that_exist() -> None:
     copied = {Path(s).name for c in build["COPY"] for s in shlex.split(c)[:-1]}
     # The console script's package and what it imports from the repository.
     assert {"pyproject.toml", "shared", "cloud_daemon"} <= copied
+
+
+# --- the device's IoT policy template ----------------------------------------------------------
+
+IOT_TEMPLATE = ROOT / "cloud_daemon" / "policy" / "iot-policy.json"
+THING = "${iot:Connection.Thing.ThingName}"
+# AWS IoT refuses a policy document longer than this (whitespace not counted).
+IOT_POLICY_MAX_CHARS = 2048
+# What an aiomqtt client call needs from the policy.
+MQTT_ACTIONS = {
+    "publish": {"iot:Publish"},
+    "subscribe": {"iot:Subscribe", "iot:Receive"},
+}
+
+
+def test_iot_policy_template_scopes_every_grant_to_its_own_thing() -> None:
+    policy = json.loads(IOT_TEMPLATE.read_text(encoding="utf-8"))
+    assert policy["Version"] == "2012-10-17"
+    assert len(json.dumps(policy, separators=(",", ":"))) <= IOT_POLICY_MAX_CHARS
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert "NotAction" not in statement
+        assert "NotResource" not in statement
+        for action in _as_list(statement["Action"]):
+            assert re.fullmatch(r"iot:[A-Z][A-Za-z]+", action), f"{action}: no wildcard action"
+        for resource in _as_list(statement["Resource"]):
+            assert THING in resource, f"{resource}: not scoped to the connecting thing"
+    connects = [s for s in policy["Statement"] if "iot:Connect" in _as_list(s["Action"])]
+    assert connects, "a device must be allowed to connect"
+    for statement in connects:
+        # Only as its own thing, and only with a certificate attached to that thing.
+        assert all(r.endswith(f":client/{THING}") for r in _as_list(statement["Resource"]))
+        attached = statement["Condition"]["Bool"]["iot:Connection.Thing.IsAttached"]
+        assert attached == "true"
+
+
+def test_iot_policy_template_allows_what_the_publisher_does() -> None:
+    tree = ast.parse((ROOT / "ztp_daemon" / "publisher.py").read_text(encoding="utf-8"))
+    needed = {"iot:Connect"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            needed |= MQTT_ACTIONS.get(node.func.attr, set())
+    assert "iot:Publish" in needed, "the publisher's publish call was not found"
+    policy = json.loads(IOT_TEMPLATE.read_text(encoding="utf-8"))
+    assert needed <= granted(policy["Statement"])
+
+
+# --- the AirVantage application model in docs/airvantage-model.md ------------------------------
+
+
+def test_documented_application_model_declares_what_the_daemons_exchange(tmp_path: Path) -> None:
+    # The doc's generator writes the .app AirVantage needs; run it and read the XML it makes.
+    text = (ROOT / "docs" / "airvantage-model.md").read_text(encoding="utf-8")
+    generator = text.split("python3 - <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", generator], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "ztp-app.zip") as package:
+        # Our own generator's output, not untrusted input.
+        root = ElementTree.fromstring(package.read("ztp.app"))  # noqa: S314
+    (asset,) = root.iter("asset")
+    declared = {f"{asset.get('id')}.{v.get('path')}" for v in asset.iter("variable")}
+    assert declared == {messages.REQUEST_PATH, messages.STATUS_PATH}
+    (command,) = asset.iter("command")
+    assert f"{asset.get('id')}.{command.get('path')}" == messages.DELIVER_COMMAND
+    parameters = [p.get("id") for p in command.iter("parameter")]
+    expected = [f"f{i:02d}" for i in range(1, messages.MAX_DELIVERY_FRAGMENTS + 1)]
+    assert parameters == expected
+    assert all(p.get("type") == "string" for p in command.iter("parameter"))
