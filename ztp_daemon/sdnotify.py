@@ -452,9 +452,11 @@ class Watchdog:
         return True
 
     async def _run(self, interval: float) -> None:
+        # The first ping waits one interval: systemd allows twice that, and a daemon that
+        # reports READY=1 soon after entering sends it before its first WATCHDOG=1.
         while True:
-            self.check()
             await asyncio.sleep(interval)
+            self.check()
 
     async def __aenter__(self) -> Self:
         if self._group is not None:
