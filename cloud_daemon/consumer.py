@@ -94,6 +94,7 @@ _log = structlog.get_logger()
 
 # AWS's bounds on one GetRecords call.
 _GET_RECORDS_MAX = 10_000
+_LIST_SHARDS_MAX = 1000  # ListShards' MaxResults bound, also its default
 _REASON_LIMIT = 500
 _RATE_WINDOW = 10.0  # seconds of history behind records_per_second
 
@@ -131,7 +132,7 @@ class ConsumerConfig:
         discovery_interval: seconds between shard listings.
         drain_timeout: on shutdown, how long readers may take to finish their batch.
         allow_steal: whether to take leases from a live, more loaded worker to balance.
-        list_shards_page: ``MaxResults`` per ListShards call (1..10,000).
+        list_shards_page: ``MaxResults`` per ListShards call (1..1,000).
     """
 
     stream_name: str
@@ -165,8 +166,8 @@ class ConsumerConfig:
             raise ConfigError("consumer.start_timestamp", "AT_TIMESTAMP needs an aware time")
         if not 1 <= self.batch_limit <= _GET_RECORDS_MAX:
             raise ConfigError("consumer.batch_limit", f"must be 1..{_GET_RECORDS_MAX}")
-        if not 1 <= self.list_shards_page <= _GET_RECORDS_MAX:
-            raise ConfigError("consumer.list_shards_page", f"must be 1..{_GET_RECORDS_MAX}")
+        if not 1 <= self.list_shards_page <= _LIST_SHARDS_MAX:
+            raise ConfigError("consumer.list_shards_page", f"must be 1..{_LIST_SHARDS_MAX}")
         if self.poll_interval < 0.2:
             raise ConfigError("consumer.poll_interval", "must be >= 0.2 s (5 calls/s per shard)")
         if self.max_idle_wait < self.poll_interval:

@@ -121,6 +121,7 @@ def test_failure_verdict(attempts: int, age: float, verdict: str | None) -> None
         ({"stream_name": ""}, "consumer.stream_name"),
         ({"poll_interval": 0.1}, "consumer.poll_interval"),  # would break 5 calls/s per shard
         ({"batch_limit": 10_001}, "consumer.batch_limit"),
+        ({"list_shards_page": 1001}, "consumer.list_shards_page"),
         ({"start": StartPosition.AT_TIMESTAMP}, "consumer.start_timestamp"),
         ({"max_idle_wait": 0.1}, "consumer.max_idle_wait"),
         ({"retry_attempts": 0}, "consumer.retry_attempts"),
