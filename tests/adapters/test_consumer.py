@@ -8,6 +8,7 @@ and iterators expire when the knobs say so. One sandbox per module, reset before
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
@@ -357,11 +358,40 @@ async def test_latest_start_reads_only_what_arrives_after(kinesis: Any) -> None:
         on_ownership_change=ownership.callback("w1"),
     ):
         await ownership.wait(lambda o: bool(o.get("w1")), within=10)
-        # The reader's first iterator is taken as it starts; give it one poll to exist.
-        await asyncio.sleep(0.5)
+        # When the reader's LATEST iterator exists is not observable: put probes until one is
+        # handled (each probe waits well past a poll), then the records the test counts.
+        probes: list[int] = []
+        for n in range(20):
+            probes += await kf.put_records(kinesis, stream, [("probe", f"probe-{n}".encode())])
+            with contextlib.suppress(TimeoutError):
+                await recorder.wait_for({probes[-1]}, within=1.0)
+                break
         new = await kf.put_records(kinesis, stream, items(10, 4, prefix="new"))
         await recorder.wait_for(set(new))
-    assert sorted(recorder.sequences()) == sorted(new)
+    handled = recorder.sequences()
+    assert not [s for s in recorder.seen if s.data.startswith(b"old")]  # nothing from before
+    assert set(new) <= set(handled) <= set(new) | set(probes)
+
+
+@sandboxed
+async def test_at_timestamp_start_skips_what_arrived_before(kinesis: Any) -> None:
+    stream = kf.unique_name("timestamp")
+    await kf.create_stream(kinesis, stream, 1)
+    await kf.put_records(kinesis, stream, items(10, 2, prefix="old"))
+    await asyncio.sleep(0.2)  # arrival times have millisecond resolution: leave a clear gap
+    since = dt.datetime.now(dt.UTC)
+    await asyncio.sleep(0.2)
+    new = await kf.put_records(kinesis, stream, items(10, 2, prefix="new"))
+    recorder = Recorder()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(),
+        config=fast_config(stream, start=StartPosition.AT_TIMESTAMP, start_timestamp=since),
+        dead_letter=MemoryDeadLetter(),
+    ):
+        await recorder.wait_for(set(new))
+    assert recorder.sequences() == new
 
 
 @sandboxed
