@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -62,6 +63,7 @@ WATCHDOG_TASK_NAME: Final = "sd-watchdog"
 # systemd reads at most this much of a notification datagram (NOTIFY_BUFFER_MAX).
 _MAX_DATAGRAM: Final = 4096
 _MAX_STATUS: Final = 200
+_DIGITS: Final = re.compile(r"[0-9]{1,19}")
 
 _log = structlog.get_logger()
 
@@ -109,11 +111,11 @@ def watchdog_timeout(env: Mapping[str, str], *, pid: int | None = None) -> float
         return None
     pid_text = env.get("WATCHDOG_PID")
     if pid_text:
-        if not pid_text.isdigit() or int(pid_text) <= 0:
+        if not _DIGITS.fullmatch(pid_text) or int(pid_text) <= 0:
             raise ConfigError("WATCHDOG_PID", "expected a positive integer")
         if int(pid_text) != (os.getpid() if pid is None else pid):
             return None
-    if not usec_text.isdigit() or int(usec_text) <= 0:
+    if not _DIGITS.fullmatch(usec_text) or int(usec_text) <= 0:
         raise ConfigError("WATCHDOG_USEC", "expected a positive integer")
     return int(usec_text) / 1_000_000
 
@@ -128,7 +130,8 @@ class Notifier:
     """Sends ``sd_notify`` reports; a no-op when there is nowhere to send them.
 
     Build it with :meth:`from_env`. Every method returns whether a datagram was sent, so a test
-    or the supervisor can tell a delivered report from a disabled or failed one; none raises.
+    or the supervisor can tell a delivered report from a disabled or failed one; a failed
+    delivery is logged, never raised.
     """
 
     __slots__ = ("_address", "_failed", "_watchdog_timeout")
