@@ -116,7 +116,9 @@ async def sandbox_aws(directory: Path) -> AsyncIterator[MotoSandbox]:
 # --- a consumer in a process of its own (SIGKILL and SIGTERM tests) ---------------------------
 
 
-async def _consume(endpoint_url: str, stream: str, table: str, worker: str) -> None:
+async def _consume(
+    endpoint_url: str, stream: str, table: str, worker: str, lease_duration: str = "2.0"
+) -> None:
     """Run a StreamConsumer until SIGTERM; report on stdout, one JSON object per line.
 
     Lines: ``{"owned": [...]}`` on every ownership change, ``{"seq": "...", "shard": "..."}``
@@ -152,7 +154,7 @@ async def _consume(endpoint_url: str, stream: str, table: str, worker: str) -> N
         poll_interval=0.2,
         max_idle_wait=0.4,
         discovery_interval=0.3,
-        lease_duration=2.0,
+        lease_duration=float(lease_duration),
         renew_interval=0.5,
     )
     async with (
@@ -172,13 +174,15 @@ async def _consume(endpoint_url: str, stream: str, table: str, worker: str) -> N
     emit({"exited": True})
 
 
-def consumer_command(endpoint_url: str, stream: str, table: str, worker: str) -> list[str]:
+def consumer_command(
+    endpoint_url: str, stream: str, table: str, worker: str, *, lease_duration: float = 2.0
+) -> list[str]:
     """The command line that runs :func:`_consume` in a child process."""
     import sys
 
     return [
         sys.executable, "-m", "tests.adapters.kinesis_fixtures",
-        endpoint_url, stream, table, worker,
+        endpoint_url, stream, table, worker, str(lease_duration),
     ]  # fmt: skip
 
 
@@ -186,4 +190,4 @@ if __name__ == "__main__":
     import asyncio
     import sys
 
-    asyncio.run(_consume(*sys.argv[1:5]))
+    asyncio.run(_consume(*sys.argv[1:6]))
