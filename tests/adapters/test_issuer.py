@@ -3,27 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import json
+import logging
+import os
+import signal
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 import pytest_asyncio
+import structlog
+from aiobotocore.session import get_session
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
+from cloud_daemon.airvantage import (
+    AirVantageClient,
+    AirVantageClientConfig,
+    AirVantageCredentials,
+)
 from cloud_daemon.errors import (
     IssuanceInProgressError,
     LedgerConflictError,
     ThrottledError,
 )
+from cloud_daemon.intake import Confirm, Intake, Issue, Refuse
 from cloud_daemon.issuer import (
     MAX_POLICY_CHARS,
     Issuer,
@@ -33,8 +49,37 @@ from cloud_daemon.issuer import (
 from cloud_daemon.ledger import IssuanceState, LedgerEntry, SqliteLedger
 from cloud_daemon.ratelimit import Backoff, RateLimiter
 from cloud_daemon.validation import ValidCsr, public_key_sha256, validate_csr
+from sandbox.airvantage import AirVantageEmulator, ApplicationModel
 from sandbox.aws import MotoSandbox
+from shared.airvantage import (
+    Ack,
+    CommandTask,
+    DataPoint,
+    DataShape,
+    acks_topic,
+    encode_acks,
+    encode_device_message,
+    messages_topic,
+    parse_tasks,
+    tasks_topic,
+)
+from shared.config import Secret
 from shared.errors import ConfigError, DecodeError
+from shared.fragments import Completed, Reassembler, split
+from shared.messages import (
+    REQUEST_PATH,
+    STATUS_PATH,
+    CertificateDelivery,
+    CertificateRequest,
+    DeliveryMessage,
+    Provisioned,
+    Rejected,
+    decode_delivery,
+    fragments_from_params,
+    request_data_points,
+    status_data_point,
+)
+from tests.sandbox.airvantage_fixtures import Broker, run_mosquitto
 from tests.sandbox.aws_fixtures import (
     IOT_ENDPOINT_HOST,
     aws,
@@ -415,3 +460,513 @@ async def test_thing_name_from_the_template() -> None:
         config.thing_name("SN.1")  # '.' is valid in a serial, not in a thing name
     assert len(load_policy_template()) > 0
     assert replace(config, policy_name="other").policy_name == "other"
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through the sandbox: device -> AirVantage emulator -> Kinesis -> intake ->
+# validation -> issuer -> AirVantage REST -> device tasks. The glue below (``Pipeline``) is the
+# test's stand-in for the service's Kinesis handler, which is the next step.
+
+CLIENT_ID = "ztp-cloud"
+CLIENT_SECRET = "e2e-client-secret-31b7"
+DEVICE_PASSWORD = "e2e-device-password-9a2c"
+E2E_WAIT = 20.0
+
+_e2e_log = structlog.get_logger()
+
+
+@pytest.fixture(scope="module")
+def device_broker_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with run_mosquitto(tmp_path_factory.mktemp("e2e-mosquitto")) as running:
+        yield running
+
+
+def e2e_model() -> ApplicationModel:
+    shipped = ApplicationModel.load()
+    # The request and status paths of docs/messages.md (the shipped model may lag behind).
+    return ApplicationModel(
+        app_type=shipped.app_type,
+        variables=shipped.variables | {REQUEST_PATH, STATUS_PATH},
+        settings=shipped.settings,
+        commands=shipped.commands,
+    )
+
+
+def transfer_for(request_id: str) -> str:
+    return "d-" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
+
+
+class StreamReader:
+    """Reads every record of a one-shard stream, from the start, as the consumer would."""
+
+    def __init__(self, kinesis: Any, stream: str) -> None:
+        self.kinesis = kinesis
+        self.stream = stream
+        self.iterator: str | None = None
+
+    async def next_batch(self) -> list[bytes]:
+        if self.iterator is None:
+            shard = (await self.kinesis.list_shards(StreamName=self.stream))["Shards"][0]
+            self.iterator = (
+                await self.kinesis.get_shard_iterator(
+                    StreamName=self.stream,
+                    ShardId=shard["ShardId"],
+                    ShardIteratorType="TRIM_HORIZON",
+                )
+            )["ShardIterator"]
+        page = await self.kinesis.get_records(ShardIterator=self.iterator, Limit=100)
+        self.iterator = page["NextShardIterator"]
+        return [record["Data"] for record in page["Records"]]
+
+
+class Pipeline:
+    """Intake, issuer and AirVantage client glued as the service's handler will glue them."""
+
+    def __init__(self, *, intake: Intake, issuer: Issuer, client: AirVantageClient) -> None:
+        self.intake = intake
+        self.issuer = issuer
+        self.client = client
+        self.confirmations: list[str] = []
+
+    async def handle(self, data: bytes) -> None:
+        for action in self.intake.receive(data, now=time.monotonic()):
+            match action:
+                case Issue():
+                    issued = await self.issuer.issue(
+                        serial=action.serial,
+                        system_uid=action.system_uid,
+                        request_id=action.request_id,
+                        csr=action.csr,
+                    )
+                    message = CertificateDelivery(
+                        action.request_id,
+                        issued.certificate_id,
+                        issued.endpoint,
+                        issued.certificate_pem,
+                    )
+                    delivered = await self.client.deliver(
+                        action.system_uid, message, transfer_id=transfer_for(action.request_id)
+                    )
+                    await self.issuer.record_delivery(
+                        issued, request_id=action.request_id, operation_uid=delivered.operation_uid
+                    )
+                case Refuse():
+                    _e2e_log.warning(
+                        "csr.refused",
+                        serial=action.serial,
+                        request_id=action.request_id,
+                        reason=action.refusal.reason_code.value,
+                        detail=action.refusal.detail,
+                    )
+                    await self.client.deliver(
+                        action.system_uid,
+                        Rejected(action.request_id, action.refusal.reason),
+                        transfer_id=transfer_for(action.request_id),
+                    )
+                case Confirm():
+                    await self.issuer.confirm(
+                        serial=action.serial, certificate_id=action.certificate_id
+                    )
+                    self.confirmations.append(action.certificate_id)
+                case _:
+                    pass
+
+    async def run_until(self, reader: StreamReader, done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(E2E_WAIT):
+            while not done():
+                for data in await reader.next_batch():
+                    await self.handle(data)
+                await asyncio.sleep(0.05)
+
+
+class E2EDevice:
+    """A gateway: publishes its request, takes deliver tasks, verifies, reports its status."""
+
+    def __init__(self, broker: Broker, serial: str, key: Any) -> None:
+        self.broker = broker
+        self.serial = serial
+        self.key = key
+        self.reassembler = Reassembler()
+        self.received: list[DeliveryMessage] = []
+        self.tasks: list[CommandTask] = []
+        self.ready = asyncio.Event()
+        self.client: aiomqtt.Client | None = None
+
+    async def run(self) -> None:
+        async with aiomqtt.Client(
+            self.broker.host, self.broker.port, identifier=self.serial
+        ) as client:
+            self.client = client
+            await client.subscribe(tasks_topic(self.serial), qos=1)
+            self.ready.set()
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                for task in parse_tasks(message.payload):
+                    assert isinstance(task, CommandTask)
+                    await self.on_task(client, task)
+
+    async def on_task(self, client: aiomqtt.Client, task: CommandTask) -> None:
+        self.tasks.append(task)
+        for text in fragments_from_params(task.params):
+            outcome = self.reassembler.receive(text, now=time.monotonic())
+            if isinstance(outcome, Completed):
+                delivery = decode_delivery(outcome.payload)
+                self.received.append(delivery)
+                if isinstance(delivery, CertificateDelivery):
+                    cert = x509.load_pem_x509_certificate(delivery.certificate_pem.encode())
+                    if cert.public_key() == self.key.public_key():
+                        status = Provisioned(delivery.request_id, delivery.certificate_id)
+                        await client.publish(
+                            messages_topic(self.serial),
+                            encode_device_message(
+                                [status_data_point(status)], shape=DataShape.PLAIN
+                            ),
+                            qos=1,
+                        )
+        await client.publish(acks_topic(self.serial), encode_acks([Ack.ok(task.uid)]), qos=1)
+
+    async def send(self, points: Iterable[DataPoint]) -> None:
+        assert self.client is not None
+        await self.client.publish(messages_topic(self.serial), encode_device_message(points), qos=1)
+
+
+def request_csr(key: Any, cn: str) -> str:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def request_points(request_id: str, serial: str, csr_pem: str) -> tuple[DataPoint, ...]:
+    return request_data_points(
+        CertificateRequest(request_id, serial, csr_pem),
+        transfer_id=request_id,
+        now_ms=int(time.time() * 1000),
+    )
+
+
+class E2E:
+    """Everything one end-to-end test needs, started and stopped together."""
+
+    def __init__(self, aws: MotoSandbox, broker: Broker, ledger_path: Path) -> None:
+        self.aws = aws
+        self.broker = broker
+        self.ledger_path = ledger_path
+        self.stream = f"e2e-{uuid.uuid4().hex[:8]}"
+        self.stack = contextlib.AsyncExitStack()
+        self.tokens: list[str] = []
+
+    async def __aenter__(self) -> E2E:
+        stack = self.stack
+        session = get_session()
+        self.kinesis = await stack.enter_async_context(
+            session.create_client("kinesis", **self.aws.client_kwargs())
+        )
+        self.iot = await stack.enter_async_context(
+            session.create_client("iot", **self.aws.client_kwargs())
+        )
+        await self.kinesis.create_stream(StreamName=self.stream, ShardCount=1)
+        self.emulator = await stack.enter_async_context(
+            AirVantageEmulator(
+                broker_host=self.broker.host,
+                broker_port=self.broker.port,
+                admin_username=None,
+                admin_password=None,
+                aws_endpoint_url=self.aws.endpoint_url,
+                region=self.aws.region,
+                stream_name=self.stream,
+                client_id=CLIENT_ID,
+                client_secret=CLIENT_SECRET,
+                model=e2e_model(),
+                redelivery_interval=None,
+            )
+        )
+        self.ledger = await stack.enter_async_context(SqliteLedger(self.ledger_path))
+        self.client = await stack.enter_async_context(
+            TokenRecordingClient(
+                AirVantageClientConfig(
+                    base_url=self.emulator.api_url,
+                    credentials=AirVantageCredentials(CLIENT_ID, Secret(CLIENT_SECRET)),
+                    retry=Backoff(base=0.05, cap=0.5, attempts=6),
+                    poll_interval=0.05,
+                    operation_timeout=10.0,
+                ),
+                sink=self.tokens,
+            )
+        )
+        self.pipeline = self.new_pipeline()
+        return self
+
+    def new_pipeline(self, **issuer_options: Any) -> Pipeline:
+        """A fresh pipeline, as after a restart (new intake memory, same ledger and IoT)."""
+        return Pipeline(
+            intake=Intake(),
+            issuer=make_issuer(self.iot, self.ledger, **issuer_options),
+            client=self.client,
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stack.aclose()
+
+    async def device(self, serial: str, key: Any) -> E2EDevice:
+        await self.emulator.register_system(serial, DEVICE_PASSWORD)
+        device = E2EDevice(self.broker, serial, key)
+        self.stack.callback(lambda: None)
+        task = asyncio.get_running_loop().create_task(device.run(), name=f"device-{serial}")
+        self.stack.push_async_callback(_cancel, task)
+        async with asyncio.timeout(5):
+            await device.ready.wait()
+        return device
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel("test over")
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class TokenRecordingClient(AirVantageClient):
+    """Notes each token obtained, so the test can search the logs for it."""
+
+    def __init__(self, config: AirVantageClientConfig, *, sink: list[str]) -> None:
+        super().__init__(config)
+        self.sink = sink
+
+    async def _fetch_token(self) -> Secret:
+        token = await super()._fetch_token()
+        self.sink.append(token.reveal())
+        return token
+
+
+def assert_no_secrets(
+    logs: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, *secrets_: str
+) -> None:
+    text = json.dumps(logs, default=str) + caplog.text
+    assert "PRIVATE KEY" not in text
+    for secret in (CLIENT_SECRET, DEVICE_PASSWORD, *secrets_):
+        assert secret not in text
+
+
+def private_pem(key: Any) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+async def test_e2e_certificate_reaches_the_device_despite_airvantage_faults(
+    aws: MotoSandbox,
+    device_broker_address: Broker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    serial = new_serial()
+    key = ec.generate_private_key(ec.SECP256R1())
+    with capture_logs() as logs:
+        async with E2E(aws, device_broker_address, tmp_path / "ledger.sqlite3") as e2e:
+            device = await e2e.device(serial, key)
+            # AirVantage misbehaves: a 429 with Retry-After, then a 500, then an expired token.
+            e2e.emulator.faults.update(
+                {"rate_limit_next": 1, "retry_after": 1, "server_error_next": 1,
+                 "server_error_status": 500}
+            )  # fmt: skip
+            await e2e.client.system_uid(serial)  # takes the 429 and the 500, obtains a token
+            e2e.emulator.expire_tokens()
+            await device.send(request_points("req-e2e-1", serial, request_csr(key, serial)))
+            reader = StreamReader(e2e.kinesis, e2e.stream)
+            await e2e.pipeline.run_until(reader, lambda: bool(e2e.pipeline.confirmations))
+            [delivery] = device.received
+            assert isinstance(delivery, CertificateDelivery)
+            cert = x509.load_pem_x509_certificate(delivery.certificate_pem.encode())
+            assert cert.public_key() == key.public_key()  # the reassembled certificate fits
+            assert delivery.endpoint == IOT_ENDPOINT_HOST
+            thing = f"ztp-{serial}"
+            assert await active_for_thing(e2e.iot, thing) == [delivery.certificate_id]
+            entry = await e2e.ledger.entries_for_thing(thing)
+            assert [e.state for e in entry] == [IssuanceState.CONFIRMED]
+            assert e2e.client.token_fetches == 2
+            tokens = list(e2e.tokens)
+    events = [e["event"] for e in logs]
+    assert [e.get("status") for e in logs if e["event"] == "airvantage.retry"] == [429, 500]
+    assert "airvantage.token_refused" in events
+    assert_no_secrets(logs, caplog, private_pem(key), *tokens)
+
+
+async def test_e2e_the_same_record_twice_leaves_one_active_certificate(
+    aws: MotoSandbox,
+    device_broker_address: Broker,
+    tmp_path: Path,
+) -> None:
+    serial = new_serial()
+    key = ec.generate_private_key(ec.SECP256R1())
+    async with E2E(aws, device_broker_address, tmp_path / "ledger.sqlite3") as e2e:
+        device = await e2e.device(serial, key)
+        await device.send(request_points("req-dup", serial, request_csr(key, serial)))
+        reader = StreamReader(e2e.kinesis, e2e.stream)
+        records: list[bytes] = []
+        async with asyncio.timeout(E2E_WAIT):
+            while not records:
+                records = await reader.next_batch()
+        [record] = records
+        # Delivered twice: once to this instance, once to a restarted one (no intake memory).
+        await e2e.pipeline.handle(record)
+        await e2e.new_pipeline(worker_id="w2").handle(record)
+        # Two deliveries of the same fragments: the device reassembled one certificate and
+        # took the second copy for the duplicate it is.
+        assert len(device.tasks) == 2
+        assert device.tasks[0].params == device.tasks[1].params
+        [first] = device.received
+        assert isinstance(first, CertificateDelivery)
+        thing = f"ztp-{serial}"
+        assert await active_for_thing(e2e.iot, thing) == [first.certificate_id]
+        assert len(await certificates(e2e.iot)) == 1
+
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+_KILLED_WORKER = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from aiobotocore.session import get_session
+from aiobotocore.config import AioConfig
+from cloud_daemon.intake import Intake, Issue
+from cloud_daemon.issuer import Issuer, IssuerConfig
+from cloud_daemon.ledger import IssuanceState, SqliteLedger
+from cloud_daemon.ratelimit import RateLimiter
+
+endpoint, ledger_path, record_path, where = sys.argv[1:5]
+
+class Dying(SqliteLedger):
+    async def record_minted(self, entry, **kwargs):
+        if where == "before-result":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await super().record_minted(entry, **kwargs)
+
+    async def advance(self, entry, to, **kwargs):
+        stored = await super().advance(entry, to, **kwargs)
+        if where == "after-issue" and to is IssuanceState.ISSUED:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stored
+
+async def main():
+    [action] = Intake().receive(Path(record_path).read_bytes(), now=0.0)
+    assert isinstance(action, Issue), action
+    async with get_session().create_client(
+        "iot", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+        aws_secret_access_key="testing", config=AioConfig(retries={"total_max_attempts": 1}),
+    ) as iot, Dying(Path(ledger_path)) as ledger:
+        issuer = Issuer(iot=iot, ledger=ledger, limiter=RateLimiter(default_tps=1000.0),
+                        config=IssuerConfig(worker_id="doomed", thing_name_template="ztp-{serial}"))
+        await issuer.issue(serial=action.serial, system_uid=action.system_uid,
+                           request_id=action.request_id, csr=action.csr)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["before-result", "after-issue"])
+async def test_e2e_sigkill_between_issuance_and_checkpoint(
+    aws: MotoSandbox,
+    device_broker_address: Broker,
+    tmp_path: Path,
+    where: str,
+) -> None:
+    serial = new_serial()
+    key = ec.generate_private_key(ec.SECP256R1())
+    ledger_path = tmp_path / "ledger.sqlite3"
+    async with E2E(aws, device_broker_address, ledger_path) as e2e:
+        device = await e2e.device(serial, key)
+        await device.send(request_points("req-kill", serial, request_csr(key, serial)))
+        reader = StreamReader(e2e.kinesis, e2e.stream)
+        records: list[bytes] = []
+        async with asyncio.timeout(E2E_WAIT):
+            while not records:
+                records = await reader.next_batch()
+        [record] = records
+        record_path = tmp_path / "record.json"
+        record_path.write_bytes(record)
+        # A worker takes the record, gets as far as `where`, and is SIGKILLed before it
+        # could checkpoint (the checkpoint never moved: the record will be delivered again).
+        script = tmp_path / "worker.py"
+        script.write_text(_KILLED_WORKER)
+        env = {**os.environ, "PYTHONPATH": _PROJECT_ROOT}
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), aws.endpoint_url, str(ledger_path), str(record_path),
+            where, env=env,
+        )  # fmt: skip
+        assert await child.wait() == -signal.SIGKILL
+        # The restarted daemon reads the record again from the unmoved checkpoint.
+        restarted = e2e.new_pipeline(worker_id="w-restarted", intent_timeout=0.2)
+        await asyncio.sleep(0.3)  # the dead worker's intent is now abandoned
+        await restarted.handle(record)
+        [delivery] = device.received
+        assert isinstance(delivery, CertificateDelivery)
+        cert = x509.load_pem_x509_certificate(delivery.certificate_pem.encode())
+        assert cert.public_key() == key.public_key()
+        thing = f"ztp-{serial}"
+        assert await active_for_thing(e2e.iot, thing) == [delivery.certificate_id]
+        key_digest = validate_csr(request_csr(key, serial), serial=serial)
+        assert isinstance(key_digest, ValidCsr)
+        assert await active_for_key(e2e.iot, key_digest.key_sha256) == [delivery.certificate_id]
+
+
+def _hostile_points(serial: str, case: str) -> tuple[DataPoint, ...]:
+    if case == "cn-of-another-device":
+        key = ec.generate_private_key(ec.SECP256R1())
+        return request_points("req-cn", serial, request_csr(key, "SN-SOMEONE-ELSE"))
+    if case == "rsa-1024":
+        weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - hostile input
+        return request_points("req-rsa", serial, request_csr(weak, serial))
+    if case == "bad-signature":
+        strong = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = request_csr(strong, serial)
+        der = bytearray(
+            x509.load_pem_x509_csr(pem.encode()).public_bytes(serialization.Encoding.DER)
+        )
+        der[-1] ^= 0x01
+        body = base64.encodebytes(bytes(der)).decode()
+        tampered = f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+        return request_points("req-sig", serial, tampered)
+    if case == "garbage":
+        junk = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+        return request_points("req-junk", serial, junk)
+    # 100 KB: no valid CertificateRequest can hold it, so build the wire message by hand.
+    payload = json.dumps(
+        {"v": 1, "t": "req", "rid": "req-big", "sn": serial, "csr": "A" * 100_000}
+    ).encode()
+    now_ms = int(time.time() * 1000)
+    return tuple(
+        DataPoint(REQUEST_PATH, text, now_ms + index)
+        for index, text in enumerate(split(payload, transfer_id="req-big"))
+    )
+
+
+async def test_e2e_hostile_csrs_are_refused_with_their_reasons(
+    aws: MotoSandbox,
+    device_broker_address: Broker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    expected = {
+        "cn-of-another-device": "cn_mismatch",
+        "rsa-1024": "weak_key",
+        "bad-signature": "bad_signature",
+        "garbage": "unparseable",
+        "100-kb": "too_large",
+    }
+    with capture_logs() as logs:
+        async with E2E(aws, device_broker_address, tmp_path / "ledger.sqlite3") as e2e:
+            devices = {}
+            for case in expected:
+                serial = new_serial()
+                devices[case] = await e2e.device(serial, ec.generate_private_key(ec.SECP256R1()))
+                await devices[case].send(_hostile_points(serial, case))
+            reader = StreamReader(e2e.kinesis, e2e.stream)
+            await e2e.pipeline.run_until(reader, lambda: all(d.received for d in devices.values()))
+            for case, reason in expected.items():
+                [answer] = devices[case].received
+                assert isinstance(answer, Rejected), case
+                assert answer.reason.startswith(f"{reason}: "), (case, answer.reason)
+            assert await certificates(e2e.iot) == []
+            tokens = list(e2e.tokens)
+    refused = {e["reason"] for e in logs if e["event"] == "csr.refused"}
+    assert refused == set(expected.values())
+    assert_no_secrets(logs, caplog, *tokens)
