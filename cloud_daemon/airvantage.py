@@ -36,6 +36,7 @@ import enum
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -75,6 +76,7 @@ _SYSTEMS_PATH: Final = "/api/v1/systems"
 _COMMAND_PATH: Final = "/api/v1/operations/systems/command"
 _OPERATION_PATH: Final = "/api/v1/operations/{uid}"
 _DEFAULT_EXPIRES_IN: Final = 3600.0
+_SYSTEM_CACHE: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ class AirVantageClient:
         self._token: Secret | None = None
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
-        self._systems: dict[str, str] = {}
+        self._systems: OrderedDict[str, str] = OrderedDict()
         self.token_fetches = 0
         """How many tokens were obtained (for metrics and tests; never the token itself)."""
 
@@ -450,6 +452,7 @@ class AirVantageClient:
         """
         cached = self._systems.get(serial)
         if cached is not None:
+            self._systems.move_to_end(serial)
             return cached
         body = await self._api(
             "systems",
@@ -464,6 +467,8 @@ class AirVantageClient:
         if not isinstance(uid, str) or not uid:
             raise DecodeError("items[0].uid", "a system uid", uid)
         self._systems[serial] = uid
+        if len(self._systems) > _SYSTEM_CACHE:
+            self._systems.popitem(last=False)
         return uid
 
     async def send_command(

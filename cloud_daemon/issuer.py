@@ -26,7 +26,9 @@ through its constructor. Every IoT call takes a token from its API's bucket firs
 
 3. CreateThing (attributes ``serial`` and ``system_uid``), the policy created if missing,
    CreateCertificateFromCsr(``setAsActive``), the result written to the ledger at once
-   (``MINTED``), then AttachThingPrincipal and AttachPolicy, and ``ISSUED``.
+   (``MINTED``), then AttachThingPrincipal and AttachPolicy, and ``ISSUED``. A failure before
+   the mint, or AWS refusing it, withdraws the intent (nothing was minted); a transport error
+   or a cancellation during the mint leaves it for recovery.
 
 :meth:`Issuer.confirm` runs when the device reports ``provisioned``: the entry becomes
 ``CONFIRMED`` and every other active certificate attached to the thing is deactivated, so a
@@ -68,7 +70,7 @@ from cloud_daemon.leases import aws_errors
 from cloud_daemon.ledger import IssuanceLedger, IssuanceState, LedgerEntry
 from cloud_daemon.ratelimit import Backoff, RateLimiter
 from cloud_daemon.validation import ValidCsr, public_key_sha256
-from shared.errors import ConfigError, DecodeError
+from shared.errors import ConfigError, DecodeError, ZtpError
 
 __all__ = [
     "DEFAULT_POLICY_NAME",
@@ -447,12 +449,23 @@ class Issuer:
             return await self._reuse(entry)
         if not created:
             entry = await self._take_over(entry, request_id)
-        await self._ensure_thing(thing, serial, system_uid)
-        await self.ensure_policy()
-        endpoint = await self.endpoint()
-        response = await self._call(
-            "CreateCertificateFromCsr", certificateSigningRequest=csr.csr_pem, setAsActive=True
-        )
+        try:
+            await self._ensure_thing(thing, serial, system_uid)
+            await self.ensure_policy()
+            endpoint = await self.endpoint()
+        except BaseException:
+            # Nothing was minted: withdraw the intent so a retry need not wait it out.
+            await asyncio.shield(self._release(entry))
+            raise
+        try:
+            response = await self._call(
+                "CreateCertificateFromCsr", certificateSigningRequest=csr.csr_pem, setAsActive=True
+            )
+        except AwsServiceError:
+            # A refusal (throttling included) mints nothing. A transport error or a
+            # cancellation may have minted, so that intent stays for recovery.
+            await asyncio.shield(self._release(entry))
+            raise
         certificate_id = str(response["certificateId"])
         try:
             entry = await self._ledger.record_minted(
@@ -470,6 +483,15 @@ class Issuer:
         _log.info("issuance.minted", thing=thing, certificate_id=certificate_id)
         entry = await self._attach(entry)
         return self._issued(entry, endpoint, reused=False)
+
+    async def _release(self, entry: LedgerEntry) -> None:
+        try:
+            released = await self._ledger.release(entry)
+        except ZtpError as exc:
+            # The intent stays; it will be presumed abandoned after intent_timeout.
+            _log.warning("issuance.release_failed", thing=entry.thing_name, error=str(exc))
+            return
+        _log.info("issuance.intent_released", thing=entry.thing_name, released=released)
 
     async def _take_over(self, entry: LedgerEntry, request_id: str) -> LedgerEntry:
         age = self._clock() - entry.updated_at

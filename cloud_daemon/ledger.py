@@ -26,6 +26,10 @@ attached to the thing and policy yet (attaching is idempotent, so a replay just 
 again). ``ISSUED`` means it is attached and may be delivered. ``CONFIRMED`` means the device
 reported it installed.
 
+An intent whose issuance failed before anything was minted (CreateThing failed, AWS refused the
+CSR, throttling outlasted the retries) is withdrawn at once (:meth:`IssuanceLedger.release`), so
+the consumer's retry starts afresh.
+
 An ``INTENT`` that stays unresolved longer than the issuer's intent timeout belongs to a worker
 that crashed between the two writes: another attempt takes it over (:meth:`take_over`, which
 bumps ``attempt`` so the crashed worker, should it wake up, cannot record a result), looks for
@@ -168,6 +172,10 @@ class IssuanceLedger(ABC):
     ) -> bool:
         """Overwrite the stored entry if its state is in ``states`` (and its attempt matches)."""
 
+    @abstractmethod
+    async def _delete_intent(self, entry: LedgerEntry) -> bool:
+        """Delete the entry if it is an ``INTENT`` at ``entry.attempt``; whether it was."""
+
     async def begin(
         self, thing_name: str, key_sha256: str, *, request_id: str, owner: str, now: float
     ) -> tuple[LedgerEntry, bool]:
@@ -222,6 +230,21 @@ class IssuanceLedger(ABC):
                 entry.thing_name, entry.key_sha256, f"intent at attempt {entry.attempt}"
             )
         return taken
+
+    async def release(self, entry: LedgerEntry) -> bool:
+        """Withdraw our intent when we know no certificate was minted for it.
+
+        Call it when issuance failed before CreateCertificateFromCsr was sent, or when AWS
+        refused that call outright: the next attempt can then start at once instead of waiting
+        for the intent to be presumed abandoned.
+
+        Args:
+            entry: our ``INTENT`` entry (its ``attempt`` is the condition).
+
+        Returns:
+            Whether the intent was removed (``False``: it was taken over meanwhile).
+        """
+        return await self._delete_intent(entry)
 
     async def record_minted(
         self,
@@ -337,6 +360,16 @@ class MemoryLedger(IssuanceLedger):
         if attempt is not None and stored.attempt != attempt:
             return False
         self.rows[key] = entry
+        return True
+
+    async def _delete_intent(self, entry: LedgerEntry) -> bool:
+        key = (entry.thing_name, entry.key_sha256)
+        stored = self.rows.get(key)
+        if stored is None or stored.state is not IssuanceState.INTENT:
+            return False
+        if stored.attempt != entry.attempt:
+            return False
+        del self.rows[key]
         return True
 
 
@@ -494,6 +527,20 @@ class SqliteLedger(IssuanceLedger):
 
         return await self._call(run)
 
+    async def _delete_intent(self, entry: LedgerEntry) -> bool:
+        args = (entry.thing_name, entry.key_sha256, IssuanceState.INTENT.value, entry.attempt)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with conn:
+                cur = conn.execute(
+                    "DELETE FROM issuance WHERE thing_name = ? AND key_sha256 = ? "
+                    "AND state = ? AND attempt = ?",
+                    args,
+                )
+                return cur.rowcount == 1
+
+        return await self._call(run)
+
 
 # --- DynamoDB -------------------------------------------------------------------------------
 
@@ -639,4 +686,16 @@ class DynamoLedger(IssuanceLedger):
             ConditionExpression=condition,
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
+        )
+
+    async def _delete_intent(self, entry: LedgerEntry) -> bool:
+        return await self._conditional(
+            "delete_item",
+            Key={"thing_name": {"S": entry.thing_name}, "key_sha256": {"S": entry.key_sha256}},
+            ConditionExpression="#state = :intent AND #attempt = :attempt",
+            ExpressionAttributeNames={"#state": "state", "#attempt": "attempt"},
+            ExpressionAttributeValues={
+                ":intent": {"S": IssuanceState.INTENT.value},
+                ":attempt": {"N": str(entry.attempt)},
+            },
         )

@@ -970,3 +970,33 @@ async def test_e2e_hostile_csrs_are_refused_with_their_reasons(
     refused = {e["reason"] for e in logs if e["event"] == "csr.refused"}
     assert refused == set(expected.values())
     assert_no_secrets(logs, caplog, *tokens)
+
+
+async def test_a_failure_before_minting_withdraws_the_intent(
+    iot: Any, ledger: SqliteLedger
+) -> None:
+    serial = new_serial()
+    csr = vetted(serial)
+    issuer = make_issuer(iot, ledger)
+    with pytest.raises(DecodeError):
+        await issuer.issue(serial=serial, system_uid="not a valid uid!", request_id="r1", csr=csr)
+    assert await ledger.get(f"ztp-{serial}", csr.key_sha256) is None
+    # The retry does not have to wait for the intent timeout.
+    issued = await issuer.issue(serial=serial, system_uid="s1", request_id="r1", csr=csr)
+    assert not issued.reused
+
+
+async def test_a_refused_mint_withdraws_the_intent(
+    aws: MotoSandbox, iot: Any, ledger: SqliteLedger
+) -> None:
+    await aws.configure(iot_throttling=True, iot_tps_per_api={"CreateCertificateFromCsr": 1.0})
+    serial = new_serial()
+    csr = vetted(serial)
+    await iot.create_certificate_from_csr(  # spends the one call allowed this second
+        certificateSigningRequest=vetted(new_serial()).csr_pem, setAsActive=False
+    )
+    issuer = make_issuer(iot, ledger, throttle=Backoff(base=0.01, cap=0.02, attempts=2))
+    with pytest.raises(ThrottledError):
+        await issuer.issue(serial=serial, system_uid="s1", request_id="r1", csr=csr)
+    assert await ledger.get(f"ztp-{serial}", csr.key_sha256) is None
+    assert await active_for_key(iot, csr.key_sha256) == []

@@ -172,3 +172,17 @@ async def test_dynamo_missing_table_is_a_configuration_error(moto_sandbox: MotoS
     async with get_session().create_client("dynamodb", **moto_sandbox.client_kwargs()) as client:
         with pytest.raises(ResourceNotFoundError):
             await DynamoLedger(client, "no-such-table").get(THING, KEY)
+
+
+async def test_release_withdraws_only_our_intent(ledger: IssuanceLedger) -> None:
+    intent, _ = await ledger.begin(THING, KEY, request_id="r1", owner="w1", now=NOW)
+    assert await ledger.release(intent)
+    assert await ledger.get(THING, KEY) is None
+    assert not await ledger.release(intent)  # already gone
+    again, created = await ledger.begin(THING, KEY, request_id="r2", owner="w2", now=NOW + 1)
+    assert created
+    taken = await ledger.take_over(again, request_id="r3", owner="w3", now=NOW + 90)
+    assert not await ledger.release(again)  # taken over meanwhile: not ours to withdraw
+    minted = await ledger.record_minted(taken, now=NOW + 91, **CERT)
+    assert not await ledger.release(taken)  # a minted certificate is never forgotten
+    assert await ledger.get(THING, KEY) == minted
