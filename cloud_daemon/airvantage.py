@@ -542,6 +542,47 @@ class AirVantageClient:
                 return status
             await self._sleep(min(self._config.poll_interval, remaining))
 
+    async def send_delivery(
+        self,
+        system_uid: str,
+        message: DeliveryMessage,
+        *,
+        transfer_id: str,
+        seq: int = 0,
+        attempt: int = 1,
+    ) -> str:
+        """Create one ``ztp.deliver`` operation and return at once (no waiting for the device).
+
+        For a caller that tracks the operation itself (from ``event.operation.state.change``
+        records, or :meth:`wait_for_operation` in a task of its own) rather than holding a
+        Kinesis shard while a device is offline.
+
+        Args:
+            system_uid: the device's system.
+            message: a delivery or a refusal.
+            transfer_id: the fragment transfer id (keep it for redeliveries).
+            seq: the fragment sequence number.
+            attempt: the attempt number, for the log.
+
+        Returns:
+            The operation uid.
+
+        Raises:
+            AirVantageApiError: AirVantage refused for good.
+            AirVantageTransportError: AirVantage stayed unreachable.
+            UsageError: the message does not fit the command's parameters.
+        """
+        params = delivery_params(message, transfer_id=transfer_id, seq=seq)
+        uid = await self.send_command(system_uid, DELIVER_COMMAND, params)
+        _log.info(
+            "airvantage.delivery_sent",
+            system_uid=system_uid,
+            operation=uid,
+            fragments=len(params),
+            attempt=attempt,
+        )
+        return uid
+
     async def deliver(
         self, system_uid: str, message: DeliveryMessage, *, transfer_id: str, seq: int = 0
     ) -> Delivered:
@@ -563,18 +604,12 @@ class AirVantageClient:
             AirVantageTransportError: AirVantage stayed unreachable.
             UsageError: the message does not fit the command's parameters.
         """
-        params = delivery_params(message, transfer_id=transfer_id, seq=seq)
         attempts = self._config.delivery_attempts
         last = ""
         reason = "failure"
         for attempt in range(1, attempts + 1):
-            last = await self.send_command(system_uid, DELIVER_COMMAND, params)
-            _log.info(
-                "airvantage.delivery_sent",
-                system_uid=system_uid,
-                operation=last,
-                fragments=len(params),
-                attempt=attempt,
+            last = await self.send_delivery(
+                system_uid, message, transfer_id=transfer_id, seq=seq, attempt=attempt
             )
             status = await self.wait_for_operation(last)
             if status.outcome is OperationOutcome.SUCCESS:

@@ -347,6 +347,22 @@ async def test_a_refusal_is_delivered_too(
     assert device.received == [refusal]
 
 
+async def test_send_then_track_separately(
+    emulator: AirVantageEmulator, broker: Broker, make_client: Factory
+) -> None:
+    serial = new_serial()
+    uid = await emulator.register_system(serial, "device-password")
+    client = await make_client()
+    message = CertificateDelivery("req-8", CERT_ID, "iot.sandbox.localhost", certificate_pem())
+    async with running(Device(broker, serial)) as device:
+        operation = await client.send_delivery(uid, message, transfer_id="d-req-8")
+        first = await client.operation(operation)  # sent, not waited for
+        status = await client.wait_for_operation(operation)
+    assert first.uid == status.uid == operation
+    assert status.outcome is OperationOutcome.SUCCESS
+    assert device.received == [message]
+
+
 async def test_429_with_retry_after_is_honoured(
     emulator: AirVantageEmulator,
     broker: Broker,
