@@ -16,7 +16,7 @@ leaves the machine exactly as it was::
 
     FRESH --Start--> MAKING_KEY --KeyReady--> KEY_READY --Persisted--> REQUEST_SENT
     REQUEST_SENT --FragmentHeld--> RECEIVING --CertificateVerified--> STORING
-    STORING --CredentialsStored--> PROVISIONED (report, then start the publisher, once durable)
+    STORING --CredentialsStored--> PROVISIONED (ack, report, start the publisher, once durable)
     REQUEST_SENT/RECEIVING --DeliveryFailed--> WAITING_RETRY --TimerFired--> REQUEST_SENT
     REQUEST_SENT/RECEIVING --TimerFired (no delivery in time)--> REQUEST_SENT (the same CSR again)
     WAITING_RETRY accepts a late delivery just as REQUEST_SENT does
@@ -47,16 +47,19 @@ complete, to :func:`~ztp_daemon.verify.verify_certificate`. The result is one *o
 current state. Outcomes are internal: the driver cannot feed them. Interpretation knows the
 state, so every task gets an answer: a task the state cannot use is refused with an ERROR ack
 (``no request outstanding``, ``already provisioned``, a decoding error...). A verified delivery is
-acked only once its bundle is committed, so a daemon killed while storing gets it again.
+acked only once its bundle is committed and recorded, so a daemon killed before gets it again.
 
 Durability and resume: the machine emits :class:`Persist` with a :class:`StateRecord` when it has
 made a key and CSR, on each send of the request, on entering WAITING_RETRY, and once provisioned.
 A new machine built from the last stored record resumes: with a record it never asks for a new key
 and re-sends the *same* CSR (and request id, which is derived from the CSR, so the cloud recognises
 a repeat). The CSR is published only after its record is durable, so a CSR that was never stored
-was never sent either. The success report and the publisher start follow the durable PROVISIONED
-record; storing the same certificate twice (killed between storing and persisting) is idempotent
-in the bundle store.
+was never sent either. The success report, the ack of the delivering task and the publisher
+start follow the durable PROVISIONED record: killed before the record is durable, the daemon gets
+the delivery again (unacked) instead of an acked delivery it has no record of. A machine resumed
+PROVISIONED reports again (a kill may have fallen between the record and the report; the cloud
+takes a repeat as the same news). Storing the same certificate twice (killed between storing and
+persisting) is idempotent in the bundle store.
 
 Retry timing: the first send waits ``delivery_timeout`` (60 s) for a delivery; each later wait is
 exponential backoff with full jitter, ``uniform(0, min(retry_cap, delivery_timeout * 2**(n-1)))``
@@ -959,7 +962,9 @@ class ProvisioningMachine:
                 if self._state is State.KEY_READY:
                     return self._send()
                 if self._state is State.PROVISIONED:
-                    return self._provisioned_actions(discard_key=True, report=True)
+                    return self._ack_stored() + self._provisioned_actions(
+                        discard_key=True, report=True
+                    )
                 return []
             case StorageFailed(reason=reason):
                 return self._on_storage_failed(reason, now)
@@ -981,8 +986,10 @@ class ProvisioningMachine:
                 due = record.next_retry_at if record.next_retry_at is not None else now
                 return [self._schedule(max(0.0, due - now))]
             case _:
-                # Resumed provisioned: the report went out before; a leftover pending key goes now.
-                return self._provisioned_actions(discard_key=True, report=False)
+                # Resumed provisioned: the report may have been lost to a kill right after the
+                # record became durable, so it goes again (the cloud takes a repeat as the same
+                # news); a leftover pending key goes now.
+                return self._provisioned_actions(discard_key=True, report=True)
 
     def _on_storage_failed(self, reason: str, now: float) -> list[Action]:
         match self._state:
@@ -1003,7 +1010,9 @@ class ProvisioningMachine:
             case State.PROVISIONED:
                 # The bundle is committed, only its record is missing: run on it, keep the key
                 # (a restart re-sends the request and the bundle store recognises the repeat).
-                return self._provisioned_actions(discard_key=False, report=True)
+                return self._ack_stored() + self._provisioned_actions(
+                    discard_key=False, report=True
+                )
             case _:
                 # A record of a send or a wait was lost; the timer is armed, so carry on.
                 return []
@@ -1012,7 +1021,7 @@ class ProvisioningMachine:
         delivery = self._pending_delivery
         if delivery is None:  # pragma: no cover - set on entering STORING
             raise AssertionError
-        uid, self._storing_uid = self._storing_uid, None
+        uid = self._storing_uid
         if uid is not None:
             self._delivered_uids.add(uid)
         self._pending_delivery = None
@@ -1023,9 +1032,14 @@ class ProvisioningMachine:
             bundle_version=version,
             certificate_id=delivery.certificate_id,
         )
-        # The task is acked only now: a daemon killed while storing gets it delivered again.
-        acks: list[Action] = [] if uid is None else [AckTask(uid, ok=True)]
-        return [*acks, self._persist(record)]
+        # The task is acked only once this record is durable (see _ack_stored): a daemon killed
+        # before then gets the delivery again, rather than a stored bundle it does not know of.
+        return [self._persist(record)]
+
+    def _ack_stored(self) -> list[Action]:
+        """Ack the task whose delivery is now stored and recorded."""
+        uid, self._storing_uid = self._storing_uid, None
+        return [] if uid is None else [AckTask(uid, ok=True)]
 
     def _on_outcome(self, event: Event, now: float) -> list[Action]:
         match event:
