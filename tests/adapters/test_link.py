@@ -2,7 +2,8 @@
 
 The test plays AirVantage through the broker's privileged account: it publishes tasks on
 ``{serial}/tasks/json`` and reads what the device publishes on ``{serial}/messages/json`` and
-``{serial}/acks/json``.
+``{serial}/acks/json``. The configuration tests at the end follow the link's settings from the
+TOML file and the environment.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from sandbox.pki import SandboxPki
 from shared.airvantage import Ack, CommandTask, DataPoint, OtherTask
 from shared.config import Secret
 from shared.errors import ConfigError, TransportError
+from ztp_daemon.config import load_device_config
 from ztp_daemon.errors import LinkError
+from ztp_daemon.keystore import KeyType
 from ztp_daemon.link import (
     AirVantageLink,
     Connected,
@@ -34,6 +37,7 @@ from ztp_daemon.link import (
     TaskArrived,
     backoff_delay,
 )
+from ztp_daemon.supervisor import link_settings
 
 T = TypeVar("T")
 WAIT = 5.0
@@ -277,3 +281,94 @@ async def test_tls_with_a_configured_ca(tmp_path: Path, pki: SandboxPki, device:
         async with AirVantageLink(settings, on_event=device.record) as link:
             await device.wait_for(lambda: device.count(Connected) == 1)
             await link.ack([Ack.ok("t-tls")])
+
+
+# --- configuration → link settings ---------------------------------------------------------------
+
+
+def test_device_config_from_toml_env_and_password_file(tmp_path: Path, pki: SandboxPki) -> None:
+    password_file = tmp_path / "av-password"
+    password_file.write_text("file-password-123\n")
+    config_file = tmp_path / "ztp.toml"
+    config_file.write_text(
+        f"""
+[device]
+serial_file = "{tmp_path / "serial"}"
+key_type = "rsa-2048"
+
+[airvantage]
+host = "na.airvantage.net"
+password_file = "{password_file}"
+ca_file = "{pki.ca_file}"
+
+[verification]
+check_cn = false
+ca_bundle = "{pki.ca_file}"
+"""
+    )
+    (tmp_path / "serial").write_text("SN-FROM-FILE\n")
+    config = load_device_config(
+        config_file, {"ZTP_RETRY_FIRST": "5", "ZTP_AIRVANTAGE_PORT": "8884"}
+    )
+    assert config.device.key_type is KeyType.RSA_2048
+    assert config.retry.first == 5.0
+    assert config.read_serial() == "SN-FROM-FILE"
+    policy = config.verify_policy()
+    assert policy.check_subject_cn is False
+    assert policy.trust_anchors == (pki.ca_cert,)
+    settings = link_settings(config, "SN-FROM-FILE")
+    assert (settings.host, settings.port, settings.tls) == ("na.airvantage.net", 8884, True)
+    assert settings.password.reveal() == "file-password-123"
+    assert "file-password-123" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({}, "airvantage.password"),
+        (
+            {
+                "ZTP_AIRVANTAGE_PASSWORD": "p",
+                "ZTP_DEVICE_SERIAL": "A",
+                "ZTP_DEVICE_SERIAL_FILE": "/f",
+            },
+            "device.serial",
+        ),
+        (
+            {"ZTP_AIRVANTAGE_PASSWORD": "p", "ZTP_RETRY_FIRST": "10", "ZTP_RETRY_CAP": "5"},
+            "retry.first",
+        ),
+        (
+            {
+                "ZTP_AIRVANTAGE_PASSWORD": "p",
+                "ZTP_AIRVANTAGE_TLS": "no",
+                "ZTP_AIRVANTAGE_CA_FILE": "/ca.pem",
+            },
+            "airvantage.ca_file",
+        ),
+        ({"ZTP_AIRVANTAGE_PASSWORD": "p", "ZTP_LOG_LEVEL": "chatty"}, "log.level"),
+        ({"ZTP_AIRVANTAGE_PASSWORD": "p", "ZTP_DEVICE_NAME": "x"}, "ZTP_DEVICE_NAME"),
+    ],
+)
+def test_device_config_refuses_bad_settings_by_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_device_config(None, env)
+    assert caught.value.key == key
+
+
+def test_serial_must_suit_a_topic_and_the_ca_bundle_must_load(tmp_path: Path) -> None:
+    env = {"ZTP_AIRVANTAGE_PASSWORD": "secret-pw-9", "ZTP_DEVICE_SERIAL": "SN:1"}
+    with pytest.raises(ConfigError) as caught:
+        load_device_config(None, env).read_serial()
+    assert caught.value.key == "device.serial"
+    with pytest.raises(ConfigError) as caught:
+        load_device_config(None, {"ZTP_AIRVANTAGE_PASSWORD": "x"}).read_serial()
+    assert caught.value.key == "device.serial"
+    (tmp_path / "empty.pem").write_text("nothing here\n")
+    for bundle in (tmp_path / "missing.pem", tmp_path / "empty.pem"):
+        config = load_device_config(
+            None, {"ZTP_AIRVANTAGE_PASSWORD": "x", "ZTP_VERIFICATION_CA_BUNDLE": str(bundle)}
+        )
+        with pytest.raises(ConfigError) as caught:
+            config.verify_policy()
+        assert caught.value.key == "verification.ca_bundle"
