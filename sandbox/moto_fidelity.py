@@ -56,6 +56,7 @@ AWS_CERTIFICATE_STATUSES: Final = frozenset(
 _INTERNAL_STATUSES: Final = frozenset({"PENDING_TRANSFER", "PENDING_ACTIVATION"})
 _GET_RECORDS_MAX: Final = 10_000
 _GET_RECORDS_MAX_BYTES: Final = 10 * 1024 * 1024
+_LIST_SHARDS_PAGE_MAX: Final = 1000  # AWS returns at most 1,000 shards per page
 _EC_CURVES: Final = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 _log = structlog.get_logger()
@@ -87,6 +88,8 @@ class FidelityConfig:
         write_records_per_second: records written per shard per second (AWS: 1,000).
         write_bytes_per_second: bytes written per shard per second (AWS: 1 MiB).
         iterator_lifetime: seconds a shard iterator stays valid (AWS: 300); 0 disables expiry.
+        list_shards_token_lifetime: seconds a ListShards ``NextToken`` stays valid (AWS: 300);
+            0 disables expiry.
         iot_throttling: raise ThrottlingException past ``iot_tps`` per IoT API.
         iot_tps: default transactions per second per IoT API (AWS: 15 for the calls we make).
         iot_tps_per_api: per-API overrides, by operation name (``CreateCertificateFromCsr``).
@@ -97,6 +100,7 @@ class FidelityConfig:
     write_records_per_second: int = 1000
     write_bytes_per_second: int = 1024 * 1024
     iterator_lifetime: float = 300.0
+    list_shards_token_lifetime: float = 300.0
     iot_throttling: bool = False
     iot_tps: float = 15.0
     iot_tps_per_api: Mapping[str, float] = field(default_factory=dict)
@@ -113,8 +117,10 @@ class FidelityConfig:
         for name in ("kinesis_throttling", "iot_throttling"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, "must be a boolean")
-        if not isinstance(self.iterator_lifetime, int | float) or self.iterator_lifetime < 0:
-            raise ConfigError("iterator_lifetime", "must be a number of seconds >= 0")
+        for name in ("iterator_lifetime", "list_shards_token_lifetime"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, "must be a number of seconds >= 0")
         rates = {"iot_tps": self.iot_tps, **self.iot_tps_per_api}
         for name, rate in rates.items():
             # The window is one second wide: a rate below 1 would never admit anything.
@@ -714,6 +720,73 @@ def _restore_shard_iterators(state: SandboxState) -> None:
     _replace(KinesisResponse, "get_records", get_records_response)
 
 
+def _encode_page_token(stream_arn: str, after_shard: str, issued: float) -> str:
+    raw = json.dumps({"stream": stream_arn, "after": after_shard, "issued": issued})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[str, str, float]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(data["stream"]), str(data["after"]), float(data["issued"])
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        raise _kinesis_error(
+            "InvalidArgumentException", "NextToken is not a valid ListShards token."
+        ) from None
+
+
+def _restore_list_shards_pagination(state: SandboxState) -> None:
+    """ListShards pages with a ``NextToken`` that alone names the stream and the position.
+
+    moto's paginator checks each token against the request's other parameters, so a follow-up
+    call must repeat ``StreamName`` and one that sends the token alone (as AWS requires) fails
+    with ``InvalidToken: Input inconsistent with page token``; moto also ignores
+    ``ExclusiveStartShardId``, returns up to 10,000 shards per page and never expires a token.
+    AWS refuses ``StreamName``/``StreamARN``/``ExclusiveStartShardId`` together with
+    ``NextToken`` (InvalidArgumentException), returns at most 1,000 shards per page (also the
+    default), starts after ``ExclusiveStartShardId`` when given, and expires a token 300 s after
+    it was returned (ExpiredNextTokenException).
+    """
+    from moto.core.responses import ActionResult  # noqa: PLC0415
+    from moto.kinesis.responses import KinesisResponse  # noqa: PLC0415
+
+    def list_shards_response(self: Any) -> Any:
+        stream_arn = self._get_param("StreamARN")
+        stream_name = self._get_param("StreamName")
+        token = self._get_param("NextToken")
+        after = self._get_param("ExclusiveStartShardId")
+        page = min(
+            int(self._get_param("MaxResults") or _LIST_SHARDS_PAGE_MAX), _LIST_SHARDS_PAGE_MAX
+        )
+        now = state.clock()
+        if token is not None:
+            if stream_arn or stream_name or after:
+                raise _kinesis_error(
+                    "InvalidArgumentException",
+                    "NextToken cannot be combined with StreamName, StreamARN or "
+                    "ExclusiveStartShardId: the token names the stream.",
+                )
+            stream_arn, after, issued = _decode_page_token(str(token))
+            lifetime = state.config.list_shards_token_lifetime
+            if lifetime and now - issued > lifetime:
+                raise _kinesis_error(
+                    "ExpiredNextTokenException",
+                    f"NextToken expired: it is older than {lifetime * 1000:.0f} ms.",
+                )
+        stream = self.kinesis_backend.describe_stream(
+            stream_arn=stream_arn, stream_name=stream_name
+        )
+        shards = sorted(stream.shards.values(), key=lambda shard: shard.shard_id)
+        if after:
+            shards = [shard for shard in shards if shard.shard_id > after]
+        body: dict[str, Any] = {"Shards": [shard.to_json() for shard in shards[:page]]}
+        if len(shards) > page:
+            body["NextToken"] = _encode_page_token(stream.arn, shards[page - 1].shard_id, now)
+        return ActionResult(body)
+
+    _replace(KinesisResponse, "list_shards", list_shards_response)
+
+
 def _restore_write_throttling(state: SandboxState) -> None:
     """PutRecord/PutRecords are throttled past 1,000 records or 1 MiB per second per shard.
 
@@ -811,4 +884,5 @@ def install(state: SandboxState) -> None:
     _restore_iot_throttling(state)
     _restore_reshard_routing()
     _restore_shard_iterators(state)
+    _restore_list_shards_pagination(state)
     _restore_write_throttling(state)

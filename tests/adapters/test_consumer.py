@@ -342,6 +342,45 @@ async def test_consumes_every_record_in_order_and_resumes_from_checkpoints(
         assert sorted(again.sequences()) == sorted(second)
 
 
+class ListShardsLog:
+    """The real Kinesis client, with every ListShards request kept (to see the pages asked)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.requests: list[dict[str, Any]] = []
+
+    async def list_shards(self, **request: Any) -> Any:
+        self.requests.append(request)
+        return await self._client.list_shards(**request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+@sandboxed
+async def test_shard_listing_pages_of_one_find_every_shard(kinesis: Any) -> None:
+    stream = kf.unique_name("paged")
+    shards = await kf.create_stream(kinesis, stream, 4)
+    sent = await kf.put_records(kinesis, stream, items(80, 16))
+    recorder = Recorder()
+    logged = ListShardsLog(kinesis)
+    async with StreamConsumer(
+        kinesis=logged,
+        leases=MemoryLeaseStore(),
+        handler=recorder.handler(),
+        config=fast_config(stream, list_shards_page=1),
+        dead_letter=MemoryDeadLetter(),
+    ) as consumer:
+        await recorder.wait_for(set(sent))
+        owned = consumer.owned_shards()
+    assert owned == set(shards)
+    assert sorted(recorder.sequences()) == sorted(sent)
+    # One listing is a first page naming the stream, then pages asked by their token alone.
+    first, *rest = logged.requests[:4]
+    assert first == {"StreamName": stream, "MaxResults": 1}
+    assert [set(r) for r in rest] == [{"NextToken", "MaxResults"}] * 3
+
+
 @sandboxed
 async def test_latest_start_reads_only_what_arrives_after(kinesis: Any) -> None:
     stream = kf.unique_name("latest")

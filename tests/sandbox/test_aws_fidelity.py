@@ -765,6 +765,93 @@ async def test_malformed_iterator_is_an_invalid_argument(kinesis: Any) -> None:
     assert error_code(error) == "InvalidArgumentException"
 
 
+async def list_pages(kinesis: Any, first: dict[str, Any], page: int) -> list[list[str]]:
+    """Every page of shard ids, following NextToken alone (as AWS requires) after ``first``."""
+    answer = await kinesis.list_shards(**first, MaxResults=page)
+    pages = [[s["ShardId"] for s in answer["Shards"]]]
+    while "NextToken" in answer:
+        answer = await kinesis.list_shards(NextToken=answer["NextToken"], MaxResults=page)
+        pages.append([s["ShardId"] for s in answer["Shards"]])
+    return pages
+
+
+@on_module_loop
+async def test_list_shards_pages_follow_the_token_alone(kinesis: Any) -> None:
+    await kinesis.create_stream(StreamName="paged", ShardCount=5)
+    everything = (await kinesis.list_shards(StreamName="paged"))["Shards"]
+    ids = [s["ShardId"] for s in everything]
+    assert len(ids) == 5
+    assert await list_pages(kinesis, {"StreamName": "paged"}, 1) == [[i] for i in ids]
+    assert await list_pages(kinesis, {"StreamName": "paged"}, 2) == [ids[:2], ids[2:4], ids[4:]]
+    # The stream's ARN names it as well as its name; the token still suffices afterwards.
+    arn = (await kinesis.describe_stream_summary(StreamName="paged"))["StreamDescriptionSummary"][
+        "StreamARN"
+    ]
+    assert await list_pages(kinesis, {"StreamARN": arn}, 3) == [ids[:3], ids[3:]]
+    # ExclusiveStartShardId starts after the named shard.
+    after = await kinesis.list_shards(StreamName="paged", ExclusiveStartShardId=ids[1])
+    assert [s["ShardId"] for s in after["Shards"]] == ids[2:]
+    assert "NextToken" not in after
+
+
+@on_module_loop
+async def test_list_shards_token_names_its_own_stream(kinesis: Any) -> None:
+    await kinesis.create_stream(StreamName="paged-a", ShardCount=2)
+    await kinesis.create_stream(StreamName="paged-b", ShardCount=3)
+    a = await list_pages(kinesis, {"StreamName": "paged-a"}, 1)
+    b = await list_pages(kinesis, {"StreamName": "paged-b"}, 1)
+    assert len(a) == 2
+    assert len(b) == 3
+
+
+@on_module_loop
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"StreamName": "paged"},
+        {"StreamARN": "arn:aws:kinesis:us-east-1:123456789012:stream/paged"},
+        {"ExclusiveStartShardId": "shardId-000000000000"},
+    ],
+)
+async def test_list_shards_refuses_a_token_with_another_stream_selector(
+    kinesis: Any, extra: dict[str, str]
+) -> None:
+    await kinesis.create_stream(StreamName="paged", ShardCount=2)
+    token = (await kinesis.list_shards(StreamName="paged", MaxResults=1))["NextToken"]
+    with pytest.raises(ClientError) as error:
+        await kinesis.list_shards(NextToken=token, **extra)
+    assert error_code(error) == "InvalidArgumentException"
+
+
+@on_module_loop
+async def test_list_shards_tokens_expire_and_malformed_ones_are_refused(
+    aws: MotoSandbox, kinesis: Any
+) -> None:
+    await kinesis.create_stream(StreamName="paged", ShardCount=2)
+    assert (await aws.config()).list_shards_token_lifetime == 300.0  # AWS's 300 s by default
+    await aws.configure(list_shards_token_lifetime=0.3)
+    token = (await kinesis.list_shards(StreamName="paged", MaxResults=1))["NextToken"]
+    await asyncio.sleep(0.5)
+    with pytest.raises(ClientError) as expired:
+        await kinesis.list_shards(NextToken=token)
+    assert error_code(expired) == "ExpiredNextTokenException"
+    with pytest.raises(ClientError) as malformed:
+        await kinesis.list_shards(NextToken=base64.b64encode(b"nonsense").decode())
+    assert error_code(malformed) == "InvalidArgumentException"
+
+
+@on_module_loop
+async def test_list_shards_pages_hold_at_most_1000_shards(kinesis: Any) -> None:
+    await kinesis.create_stream(StreamName="wide", ShardCount=1001)
+    first = await kinesis.list_shards(StreamName="wide", MaxResults=10_000)
+    assert len(first["Shards"]) == 1000
+    default = await kinesis.list_shards(StreamName="wide")
+    assert len(default["Shards"]) == 1000
+    rest = await kinesis.list_shards(NextToken=first["NextToken"])
+    assert [s["ShardId"] for s in rest["Shards"]] == ["shardId-000000001000"]
+    assert "NextToken" not in rest
+
+
 # --------------------------------------------------------------------------------------------
 # DynamoDB.
 
