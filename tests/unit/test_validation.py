@@ -244,3 +244,17 @@ def test_any_text_is_refused_without_raising(text: str) -> None:
     result = validate_csr(text, serial=SERIAL)
     assert isinstance(result, CsrRefused)
     assert re.fullmatch(r"[ -~]*", result.detail)
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda pem: pem.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"),
+        lambda pem: pem.replace("\n", "\r\n"),
+    ],
+    ids=["new-header", "crlf"],
+)
+def test_legacy_pem_spellings_are_accepted(
+    p256: ec.EllipticCurvePrivateKey, rewrite: Callable[[str], str]
+) -> None:
+    assert isinstance(validate_csr(rewrite(make_csr(p256, SERIAL)), serial=SERIAL), ValidCsr)
