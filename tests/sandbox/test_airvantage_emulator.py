@@ -961,3 +961,48 @@ async def next_tasks_raw(client: aiomqtt.Client) -> bytes:
         message = await anext(aiter(client.messages))
     assert isinstance(message.payload, bytes)
     return message.payload
+
+
+async def test_emulator_reconnects_after_a_broker_restart_and_redelivers(
+    make_emulator: Factory,
+    http: aiohttp.ClientSession,
+    sandbox_pki: SandboxPki,
+    tmp_path: Path,
+) -> None:
+    async with DeviceBroker(tmp_path, pki=sandbox_pki) as device_broker:
+        address = device_broker.address
+        async with make_emulator(
+            broker_host=address.host,
+            broker_port=address.port,
+            admin_username=device_broker.admin_username,
+            admin_password=device_broker.admin_password,
+            on_register=device_broker.add_device,
+            redelivery_interval=0.3,
+        ) as emulator:
+            serial = new_serial()
+            uid = await emulator.register_system(serial, "restart-password")
+            token = await get_token(http, emulator)
+
+            def gateway() -> aiomqtt.Client:
+                return aiomqtt.Client(
+                    address.host,
+                    address.port,
+                    identifier=serial,
+                    username=serial,
+                    password="restart-password",
+                    socket_options=NODELAY,
+                )
+
+            async with gateway() as client:
+                await client.subscribe(f"{serial}/tasks/json", qos=1)
+                operation = await command(http, emulator, token, [uid])
+                [first] = await next_tasks(client)
+                await device_broker.restart()
+            async with gateway() as client:
+                await client.subscribe(f"{serial}/tasks/json", qos=1)
+                [again] = await next_tasks(client)
+                assert again["uid"] == first["uid"]
+                await ack(client, serial, [{"uid": again["uid"], "status": "OK"}])
+                await emulator.wait_until(
+                    lambda: emulator.operation(operation).state is OperationState.FINISHED
+                )
