@@ -4,16 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
+import signal
 import socket
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import textwrap
+import threading
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from sandbox.brokers import DeviceBroker
+from sandbox.pki import SandboxPki
 from shared.errors import ConfigError, UsageError
+from ztp_daemon.bundle import BundleStore
+from ztp_daemon.config import load_device_config
+from ztp_daemon.keystore import FileKeyStore
+from ztp_daemon.machine import (
+    MachineConfig,
+    ProvisioningMachine,
+    SharedCodecDecoder,
+    State,
+    StateRecord,
+)
 from ztp_daemon.sdnotify import (
     WATCHDOG_TASK_NAME,
     Heartbeats,
@@ -22,6 +41,8 @@ from ztp_daemon.sdnotify import (
     notify_address,
     watchdog_timeout,
 )
+from ztp_daemon.state import StateFile
+from ztp_daemon.supervisor import BUNDLE_DIRECTORY, Supervisor, link_settings
 
 # Short: a Unix socket path must fit in 108 bytes, and pytest's tmp_path can be longer.
 _SOCKET_DIR_PREFIX = "/tmp/ztp-sdn-"
@@ -337,6 +358,7 @@ def test_watchdog_timeout(env: dict[str, str], expected: float | None) -> None:
         ({"WATCHDOG_USEC": "0"}, "WATCHDOG_USEC"),
         ({"WATCHDOG_USEC": "-5"}, "WATCHDOG_USEC"),
         ({"WATCHDOG_USEC": "1.5"}, "WATCHDOG_USEC"),
+        ({"WATCHDOG_USEC": "\u00b2"}, "WATCHDOG_USEC"),  # a digit to str.isdigit, not to int()
         ({"WATCHDOG_USEC": "100", "WATCHDOG_PID": "x"}, "WATCHDOG_PID"),
     ],
 )
@@ -398,3 +420,174 @@ def test_bad_intervals() -> None:
         Notifier(address=None, watchdog_timeout=0.0)
     with pytest.raises(UsageError):
         Watchdog(notifier=Notifier(address=None), interval=-1.0)
+
+
+# --- the device daemon itself, under a fake systemd -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def device_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceBroker]:
+    pki = SandboxPki.load_or_create(tmp_path_factory.mktemp("pki"))
+    broker = DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
+    _run_private(broker.start())
+    try:
+        yield broker
+    finally:
+        _run_private(broker.stop())
+
+
+def _run_private(coroutine: Coroutine[Any, Any, None]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
+async def _gateway(broker: DeviceBroker) -> tuple[str, str]:
+    serial = f"SN{uuid.uuid4().hex[:12].upper()}"
+    password = f"pw-{uuid.uuid4().hex}"
+    await broker.add_device(serial, password)
+    return serial, password
+
+
+def _config_text(broker: DeviceBroker, serial: str, state_dir: Path, *, first: float) -> str:
+    return textwrap.dedent(
+        f"""
+        [device]
+        serial = "{serial}"
+        state_dir = "{state_dir}"
+        [airvantage]
+        host = "{broker.address.host}"
+        port = {broker.address.port}
+        tls = false
+        backoff_base = 0.05
+        backoff_cap = 0.2
+        min_connect_interval = 0.05
+        [retry]
+        first = {first}
+        cap = {first * 4}
+        [publisher]
+        enabled = false
+        [log]
+        destination = "stderr"
+        """
+    )
+
+
+def _fields(message: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in message.splitlines())
+
+
+async def test_daemon_process_reports_ready_status_watchdog_then_stopping(
+    systemd: FakeSystemd, device_broker: DeviceBroker, tmp_path: Path
+) -> None:
+    serial, password = await _gateway(device_broker)
+    config = tmp_path / "ztp.toml"
+    config.write_text(_config_text(device_broker, serial, tmp_path / "state", first=60.0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZTP_", "WATCHDOG_"))}
+    env.update(
+        systemd.env(),
+        WATCHDOG_USEC="2000000",  # pings every second
+        ZTP_AIRVANTAGE_PASSWORD=password,
+    )
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ztp_daemon", "run", "--config", str(config),
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+        try:
+            messages: list[dict[str, str]] = []
+            async with asyncio.timeout(30):
+                while sum("WATCHDOG" in m for m in messages) < 2 or not any(
+                    "request_sent" in m.get("STATUS", "") for m in messages
+                ):
+                    messages.append(_fields(await systemd.receive()))
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                while "STOPPING" not in messages[-1]:
+                    messages.append(_fields(await systemd.receive()))
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert code == 0, stderr.read_text()
+    kinds = [next(iter(m)) for m in messages]  # READY, STATUS, WATCHDOG or STOPPING first
+    ready = kinds.index("READY")
+    assert messages[ready]["STATUS"].startswith("provisioning: ")
+    assert "WATCHDOG" not in kinds[:ready], "READY=1 comes before the first WATCHDOG=1"
+    assert kinds[ready + 1 :].count("WATCHDOG") >= 2
+    statuses = [m["STATUS"] for m in messages if "STATUS" in m]
+    assert statuses[0] == "provisioning: making_key"
+    assert any("request_sent" in s for s in statuses), statuses
+    assert messages[-1] == {"STOPPING": "1"}
+    assert password not in stderr.read_text()
+
+
+class _WedgingStateFile(StateFile):
+    """A state file whose save hangs when the request is sent again: a stuck disk write."""
+
+    def __init__(self, directory: Path, release: threading.Event) -> None:
+        super().__init__(directory)
+        self.release = release
+        self.wedged = threading.Event()
+
+    def save(self, record: StateRecord) -> None:
+        if record.state is State.REQUEST_SENT and record.attempts >= 2:
+            self.wedged.set()
+            self.release.wait(timeout=30)
+        super().save(record)
+
+
+async def test_daemon_withholds_pings_while_its_machine_loop_is_wedged(
+    systemd: FakeSystemd, device_broker: DeviceBroker, tmp_path: Path
+) -> None:
+    serial, password = await _gateway(device_broker)
+    config_file = tmp_path / "ztp.toml"
+    config_file.write_text(_config_text(device_broker, serial, tmp_path / "state", first=1.0))
+    config = load_device_config(config_file, {"ZTP_AIRVANTAGE_PASSWORD": password})
+    release = threading.Event()
+    state_file = _WedgingStateFile(config.device.state_dir, release)
+    notifier = Notifier.from_env(systemd.env(watchdog_usec=400_000))  # pings every 0.2 s
+    supervisor = Supervisor(
+        machine=ProvisioningMachine(
+            MachineConfig(serial=serial, delivery_timeout=1.0, retry_cap=4.0),
+            decoder=SharedCodecDecoder(),
+            rng=random.Random(7),
+            record=None,
+        ),
+        serial=serial,
+        subject=config.csr_subject(serial),
+        keystore=FileKeyStore(config.device.state_dir, key_type=config.device.key_type),
+        state_file=state_file,
+        bundles=BundleStore(config.device.state_dir / BUNDLE_DIRECTORY),
+        link_settings=link_settings(config, serial),
+        notifier=notifier,
+    )
+    stop = asyncio.Event()
+    with capture_logs() as events:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(supervisor.run(shutdown=stop.wait), name="test.daemon")
+            try:
+                async with asyncio.timeout(20):
+                    while "READY" not in _fields(await systemd.receive()):
+                        pass
+                    pings = 0
+                    while pings < 2:  # alive: the machine loop beats while it waits
+                        pings += _fields(await systemd.receive()).get("WATCHDOG") == "1"
+                    # No delivery: after 1 s the machine sends again and hangs saving that.
+                    await asyncio.to_thread(state_file.wedged.wait, 20)
+                # One ping may be due within the loop's allowance (one interval); then none,
+                # while the event loop itself runs on (this test's awaits keep working).
+                await asyncio.sleep(0.5)
+                systemd.drain()
+                await asyncio.sleep(1.0)
+                assert [m for m in systemd.drain() if "WATCHDOG" in m] == []
+            finally:
+                release.set()
+                stop.set()
+    withheld = [e for e in events if e["event"].startswith("watchdog pings withheld")]
+    assert len(withheld) == 1
+    assert withheld[0]["loops"] == ["machine"]
