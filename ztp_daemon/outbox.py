@@ -911,12 +911,8 @@ class Outbox:
                     self._forget_payload(seq)
                     if not accepted.done():
                         accepted.set_exception(error)
-            fetch_future = request.fetch_future
-            if fetch_future is not None and not fetch_future.done():
-                if isinstance(request.fetched, StorageError):
-                    fetch_future.set_exception(request.fetched)
-                else:
-                    fetch_future.set_result(request.fetched or {})
+            if request.fetch_future is not None:
+                self._fetched(request)
         if error is not None:
             _log.error("outbox.commit_failed", error=str(error))
         self._available.set()
@@ -978,7 +974,11 @@ class Outbox:
             await self._available.wait()
 
     async def _load(self, seqs: list[int]) -> None:
-        """Read payloads of queued messages back from SQLite into memory."""
+        """Read payloads of queued messages back from SQLite into memory.
+
+        Concurrent callers share one read; the payloads are in memory when it resolves (stored
+        by :meth:`_on_done`, so no waiter can see it resolved and the payloads still missing).
+        """
         waiting = self._fetching.get(seqs[0])
         if waiting is None:
             waiting = self._running_loop().create_future()
@@ -988,22 +988,35 @@ class Outbox:
             self._request.fetch = wanted
             self._request.fetch_future = waiting
             self._flush()
-            try:
-                found = await asyncio.shield(waiting)
-            finally:
-                for seq in wanted:
-                    self._fetching.pop(seq, None)
-            for seq, value in found.items():
-                if self._core.state(seq) is not EntryState.GONE and seq not in self._resident:
-                    self._resident[seq] = value
-                    self._resident_bytes += len(value[1])
-            missing = [
-                s for s in wanted if s not in found and self._core.state(s) is not EntryState.GONE
-            ]
-            if missing:
-                raise StorageError(str(self._path), "read", f"{len(missing)} rows missing")
+        await asyncio.shield(waiting)
+
+    def _fetched(self, request: _Request) -> None:
+        """Store what the SQLite thread read back for ``request`` and wake its waiters."""
+        future = request.fetch_future
+        for seq in request.fetch:
+            self._fetching.pop(seq, None)
+        result = request.fetched
+        if future is None or future.done():
+            return
+        if isinstance(result, StorageError):
+            future.set_exception(result)
+            return
+        found = result or {}
+        for seq, value in found.items():
+            if self._core.state(seq) is not EntryState.GONE and seq not in self._resident:
+                self._resident[seq] = value
+                self._resident_bytes += len(value[1])
+        missing = [
+            s
+            for s in request.fetch
+            if s not in found and self._core.state(s) is not EntryState.GONE
+        ]
+        if missing:
+            future.set_exception(
+                StorageError(str(self._path), "read", f"{len(missing)} queued rows missing")
+            )
         else:
-            await asyncio.shield(waiting)
+            future.set_result({})
 
     def ack(self, seq: int) -> None:
         """The PUBACK for ``seq`` arrived: delete its row (batched) and free its place.

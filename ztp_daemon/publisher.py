@@ -586,12 +586,17 @@ class Publisher:
             ConnectError: the connection was lost.
         """
         self._paused = False
+        # One pacer per connection: AWS limits publishes per second per connection.
+        rate = self._config.publish_rate
+        pacer = RatePacer(rate) if rate is not None else None
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._watch(client), name="publisher.watch")
                 group.create_task(self._control(), name="publisher.control")
                 for index in range(self._outbox.limits.max_in_flight):
-                    group.create_task(self._send_loop(client), name=f"publisher.send-{index}")
+                    group.create_task(
+                        self._send_loop(client, pacer), name=f"publisher.send-{index}"
+                    )
         except BaseExceptionGroup as group:
             ended, rest = group.split(_EndConnectionError)
             lost, other = rest.split(aiomqtt.MqttError) if rest is not None else (None, None)
@@ -642,11 +647,10 @@ class Publisher:
                 elapsed_ms=round((self._clock() - began) * 1000, 1),
             )
 
-    async def _send_loop(self, client: aiomqtt.Client) -> None:
+    async def _send_loop(self, client: aiomqtt.Client, pacer: RatePacer | None) -> None:
         outbox = self._outbox
         property_name = self._config.message_id_property
         property_prefix = _user_property_prefix(property_name) if property_name else None
-        pacer = RatePacer(self._config.publish_rate) if self._config.publish_rate else None
         while True:
             message = outbox.take_nowait()
             if message is None:

@@ -4,12 +4,17 @@ Run as ``python -m tests.adapters.publisher_fixtures <command> ...``:
 
 - ``outbox-writer DB``: put messages into the outbox at DB as fast as it can, printing each
   accepted id on its own line (flushed), until killed.
+- ``daemon DB SOCKET CERT KEY CA PORT THING RATE``: the publishing half of the device daemon
+  (outbox, publisher, ingestion socket, heartbeat) against a sandbox broker on PORT, pacing
+  publishes at RATE per second (0: unpaced); prints ``ready`` once the socket listens, runs until
+  SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import ssl
 import sys
 import uuid
@@ -23,11 +28,14 @@ import structlog
 
 from sandbox.brokers import ClientCertificate, IotBroker, client_tls_context
 from sandbox.pki import SandboxPki
+from ztp_daemon.heartbeat import Heartbeat
+from ztp_daemon.ingest import IngestConfig, IngestServer
 from ztp_daemon.outbox import Outbox
 from ztp_daemon.publisher import (
     ClientCredentials,
     CredentialSource,
     FileCredentials,
+    Publisher,
     PublisherConfig,
 )
 
@@ -194,6 +202,38 @@ async def _outbox_writer(path: Path) -> None:
                 print(await future, flush=True)
 
 
+async def _daemon(argv: list[str]) -> None:
+    db, sock, cert, key, ca, port, thing, rate = argv
+    config = PublisherConfig(
+        thing_name=thing,
+        host="127.0.0.1",
+        port=int(port),
+        ca_file=Path(ca),
+        keepalive=30,
+        connect_timeout=3.0,
+        backoff_base=0.2,
+        backoff_cap=0.5,
+        publish_rate=float(rate) or None,
+    )
+    credentials = FileCredentials(Path(cert), Path(key), "127.0.0.1")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with (
+        Outbox(Path(db)) as outbox,
+        Publisher(config=config, outbox=outbox, credentials=credentials) as publisher,
+        IngestServer(config=IngestConfig.for_thing(Path(sock), thing), outbox=outbox),
+        Heartbeat(
+            outbox=outbox,
+            topic=f"dt/{thing}/health",
+            interval=3600,
+            credentials=credentials,
+            publisher=publisher,
+        ),
+    ):
+        print("ready", flush=True)
+        await stop.wait()
+
+
 def main(argv: list[str]) -> int:
     """Run one child-process role (see the module docstring)."""
     # stdout carries the role's answers; logs go to stderr.
@@ -201,6 +241,8 @@ def main(argv: list[str]) -> int:
     match argv:
         case ["outbox-writer", db]:
             asyncio.run(_outbox_writer(Path(db)))
+        case ["daemon", *args] if len(args) == 8:
+            asyncio.run(_daemon(args))
         case _:
             print(__doc__, file=sys.stderr)
             return 2

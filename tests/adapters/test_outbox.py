@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import DecodeError, LimitExceededError, PeerError, UsageError
+from tests.adapters import publisher_fixtures as pf
 from ztp_daemon.errors import DeviceError, StorageError
 from ztp_daemon.outbox import (
     Durability,
@@ -405,6 +406,29 @@ async def test_payloads_beyond_the_resident_budget_are_read_back(tmp_path: Path)
             got.append((message.topic, message.payload))
             outbox.ack(message.seq)
     assert got == [(f"dt/t/{i % 3}", i.to_bytes(2, "big") * 50) for i in range(600)]
+
+
+async def test_many_senders_after_a_restart_share_reads(tmp_path: Path) -> None:
+    """100 concurrent senders on a restored outbox (no payload in memory) all make progress."""
+    path = tmp_path / "o.db"
+    async with Outbox(path) as outbox:
+        await asyncio.gather(*(outbox.submit("dt/t/x", b"%d" % i) for i in range(1000)))
+    got: list[bytes] = []
+    async with Outbox(path) as outbox:
+
+        async def sender() -> None:
+            while len(got) < 1000:
+                message = await outbox.next_message()
+                got.append(message.payload)
+                await asyncio.sleep(0)
+                outbox.ack(message.seq)
+
+        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+            tasks = [group.create_task(sender()) for _ in range(100)]
+            await pf.wait_until(lambda: len(got) >= 1000)
+            for task in tasks:
+                task.cancel()
+    assert sorted(got) == sorted(b"%d" % i for i in range(1000))
 
 
 async def test_next_message_waits_for_a_commit_and_respects_in_flight(tmp_path: Path) -> None:

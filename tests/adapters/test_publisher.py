@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
+import json
 import random
+import signal
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import structlog
@@ -16,9 +21,16 @@ from structlog.typing import EventDict, WrappedLogger
 
 from sandbox.brokers import IotBroker, write_client_certificate
 from sandbox.pki import SandboxPki
-from shared.errors import ConfigError, TransportError
+from shared.errors import ConfigError, TransportError, UsageError
 from tests.adapters import publisher_fixtures as pf
-from ztp_daemon.outbox import Outbox
+from ztp_daemon.heartbeat import (
+    Heartbeat,
+    MemoryInfo,
+    SystemSample,
+    health_payload,
+    sample_system,
+)
+from ztp_daemon.outbox import Outbox, OutboxLimits, OutboxStats
 from ztp_daemon.publisher import (
     AWS_ALPN_PROTOCOL,
     Backoff,
@@ -27,6 +39,7 @@ from ztp_daemon.publisher import (
     FileCredentials,
     Publisher,
     PublisherConfig,
+    PublisherStats,
     RatePacer,
     build_tls_context,
 )
@@ -361,6 +374,25 @@ async def test_shutdown_drains_in_flight_and_keeps_the_rest(
         assert reopened.stats().depth == 2000 - published, "acked gone, the rest kept"
 
 
+async def test_publish_rate_is_per_connection(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """AWS allows 100 publishes/s per connection: 100 senders together keep to the rate."""
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(broker, pki, thing, publish_rate=200.0)
+    async with (
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)) as pub,
+    ):
+        await asyncio.wait_for(pub.wait_connected(), 5)
+        await asyncio.gather(*(outbox.submit(f"dt/{thing}/x", b"%d" % i) for i in range(300)))
+        began = time.monotonic()
+        await pf.wait_until(lambda: pub.stats().published >= 300)
+        elapsed = time.monotonic() - began
+    assert 1.3 < elapsed < 3.0, elapsed
+
+
 async def test_shutdown_while_disconnected_is_prompt(
     own_broker: IotBroker, pki: SandboxPki, tmp_path: Path
 ) -> None:
@@ -374,3 +406,190 @@ async def test_shutdown_while_disconnected_is_prompt(
             await pf.wait_until(lambda: publisher.stats().last_error is not None)
             began = time.monotonic()
         assert time.monotonic() - began < 0.5
+
+
+# -- the heartbeat -----------------------------------------------------------------------------
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def test_health_payload_reports_everything() -> None:
+    system = SystemSample(
+        load=(0.123, 0.5, 1.0),
+        memory=MemoryInfo(rss_bytes=40 << 20, available_bytes=1 << 30, total_bytes=2 << 30),
+        system_uptime_s=86400.4,
+        certificate_not_after=NOW + dt.timedelta(days=10),
+    )
+    outbox = OutboxStats(depth=3, bytes=30, in_flight=1, dropped=2, refused=4, accepted=9, acked=6)
+    publisher = PublisherStats(connected=True, connects=2, attempts=3, published=6, last_error="x")
+    body = json.loads(
+        health_payload(now=NOW, uptime_s=61.6, system=system, outbox=outbox, publisher=publisher)
+    )
+    assert body == {
+        "ts": "2026-06-01T12:00:00Z",
+        "uptime_s": 62,
+        "system_uptime_s": 86400,
+        "load": [0.12, 0.5, 1.0],
+        "memory": {"rss_bytes": 40 << 20, "available_bytes": 1 << 30, "total_bytes": 2 << 30},
+        "outbox": {"depth": 3, "bytes": 30, "in_flight": 1, "dropped": 2, "refused": 4},
+        "publisher": {"connected": True, "connects": 2, "published": 6},
+        "certificate": {"not_after": "2026-06-11T12:00:00Z", "expires_in_s": 864000},
+    }
+
+
+def test_health_payload_with_nothing_known() -> None:
+    system = SystemSample(None, MemoryInfo(None, None, None), None, None)
+    stats = OutboxStats(0, 0, 0, 0, 0, 0, 0)
+    body = json.loads(
+        health_payload(now=NOW, uptime_s=0, system=system, outbox=stats, publisher=None)
+    )
+    assert body["load"] is None
+    assert body["certificate"] is None
+    assert body["publisher"] is None
+    with pytest.raises(UsageError):
+        health_payload(
+            now=NOW.replace(tzinfo=None), uptime_s=0, system=system, outbox=stats, publisher=None
+        )
+
+
+def test_sample_system_reads_proc(pki: SandboxPki, tmp_path: Path) -> None:
+    fake = tmp_path / "proc"
+    (fake / "self").mkdir(parents=True)
+    (fake / "self" / "status").write_text("Name:\tztp\nVmRSS:\t  4096 kB\n")
+    (fake / "meminfo").write_text("MemTotal:  2048 kB\nMemAvailable:  1024 kB\n")
+    (fake / "uptime").write_text("123.45 67.8\n")
+    cert = write_client_certificate(pki, "expiry-thing", tmp_path)
+    sample = sample_system(cert.cert_file, proc=fake)
+    assert sample.memory == MemoryInfo(4096 * 1024, 1024 * 1024, 2048 * 1024)
+    assert sample.system_uptime_s == 123.45
+    assert sample.certificate_not_after is not None
+    assert sample.certificate_not_after > dt.datetime.now(dt.UTC) + dt.timedelta(days=3000)
+    empty = sample_system(tmp_path / "missing.pem", proc=tmp_path / "nothing")
+    assert empty.memory == MemoryInfo(None, None, None)
+    assert empty.certificate_not_after is None
+    real = sample_system(None)
+    assert real.memory.rss_bytes is not None
+    assert real.memory.rss_bytes > 1 << 20
+
+
+async def test_heartbeat_arrives_through_the_publisher(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    credentials = pf.credentials_for(cert)
+    config = pf.fast_config(broker, pki, thing)
+    async with (
+        pf.observe(broker, f"dt/{thing}/health") as observer,
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=credentials) as publisher,
+        Heartbeat(
+            outbox=outbox,
+            topic=f"dt/{thing}/health",
+            interval=0.2,
+            credentials=credentials,
+            publisher=publisher,
+        ) as heartbeat,
+    ):
+        await observer.wait_for(2)
+    assert heartbeat.beats >= 2
+    body = json.loads(observer.messages[-1].payload)
+    assert body["certificate"]["expires_in_s"] > 3000 * 86400
+    assert body["publisher"]["connected"] is True
+    assert body["memory"]["rss_bytes"] > 0
+    assert set(body["outbox"]) == {"depth", "bytes", "in_flight", "dropped", "refused"}
+
+
+async def test_heartbeat_skips_a_beat_when_the_outbox_is_full(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db", limits=OutboxLimits(max_messages=1)) as outbox:
+        heartbeat = Heartbeat(outbox=outbox, topic="dt/t/health")
+        assert await heartbeat.beat() is not None
+        with structlog.testing.capture_logs() as logs:
+            assert await heartbeat.beat() is None
+        assert [e["event"] for e in logs] == ["outbox.refused", "heartbeat.skipped"]
+    with pytest.raises(UsageError):
+        Heartbeat(outbox=outbox, topic="dt/t/health", interval=0)
+
+
+# -- the daemon killed and restarted -----------------------------------------------------------
+
+
+class DaemonProcess:
+    """The publishing half of the daemon in a child process (tests.adapters.publisher_fixtures)."""
+
+    def __init__(self, args: list[str], log: BinaryIO) -> None:
+        self.args = args
+        self.log = log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.adapters.publisher_fixtures",
+            "daemon",
+            *self.args,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self.log,
+        )
+        assert self.process.stdout is not None
+        async with asyncio.timeout(15):
+            assert await self.process.stdout.readline() == b"ready\n"
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+            await self.process.wait()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+async def test_sigkill_with_a_backlog_loses_nothing(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    """Messages accepted over the socket, daemon SIGKILLed with a backlog, restarted: all arrive."""
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    sock = Path("/tmp") / f"ztp-{thing}.sock"
+    args = [
+        str(tmp_path / "outbox.db"),
+        str(sock),
+        str(cert.cert_file),
+        str(cert.key_file),
+        str(pki.ca_file),
+        str(broker.port),
+        thing,
+        "400",  # paced, so a backlog builds up in the outbox
+    ]
+    log = (tmp_path / "daemon.log").open("ab")
+    daemon = DaemonProcess(args, log)
+    try:
+        async with pf.observe(broker, f"dt/{thing}/data") as observer:
+            await daemon.start()
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            lines = b"".join(
+                json.dumps({"topic": f"dt/{thing}/data", "payload": f"m{i}"}).encode() + b"\n"
+                for i in range(1500)
+            )
+            writer.write(lines)
+            accepted: list[str] = []
+            async with asyncio.timeout(15):
+                while len(accepted) < 1500:
+                    reply = json.loads(await reader.readline())
+                    assert reply["ok"], reply
+                    accepted.append(reply["id"])
+            await daemon.kill()
+            writer.close()
+            assert len(observer.payloads) < 1500, "the kill must leave a backlog"
+            backlog = 1500 - len(observer.payloads)
+            await daemon.start()  # the same outbox, socket path and certificate
+            await observer.wait_for(1500, within=30)
+        assert observer.ids >= set(accepted)
+        assert backlog > 100
+    finally:
+        await daemon.kill()
+        log.close()
+        await asyncio.to_thread(sock.unlink, missing_ok=True)
