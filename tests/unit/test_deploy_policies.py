@@ -533,3 +533,13 @@ def test_documented_application_model_declares_what_the_daemons_exchange(tmp_pat
     expected = [f"f{i:02d}" for i in range(1, messages.MAX_DELIVERY_FRAGMENTS + 1)]
     assert parameters == expected
     assert all(p.get("type") == "string" for p in command.iter("parameter"))
+
+
+def test_operations_guide_lists_the_policy_as_it_is() -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    for statement in load_policy()["Statement"]:
+        row = re.search(rf"^\| `{statement['Sid']}` \| ([^|]+) \|", guide, re.MULTILINE)
+        assert row is not None, f"docs/operations.md has no row for {statement['Sid']}"
+        listed = {name.strip(" `").split(":")[-1] for name in row.group(1).split(",")}
+        actions = {a.split(":")[1] for a in _as_list(statement["Action"])}
+        assert listed == actions, statement["Sid"]
