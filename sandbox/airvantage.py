@@ -1296,6 +1296,13 @@ class AirVantageEmulator:
             return await handler(request)
         except ApiRequestError as exc:
             return web.json_response(exc.to_json(), status=exc.status, headers=exc.headers)
+        except web.HTTPException as exc:
+            # aiohttp's own refusals (no such route, wrong method) in AirVantage's shape too.
+            if exc.status < 400 or not request.path.startswith("/api/"):
+                raise
+            code = {404: "not.found", 405: "method.not.allowed"}.get(exc.status, "request.invalid")
+            refusal = ApiRequestError(exc.status, code, [request.path])
+            return web.json_response(refusal.to_json(), status=exc.status)
 
     @web.middleware
     async def _faults_middleware(

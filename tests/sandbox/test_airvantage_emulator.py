@@ -401,6 +401,10 @@ async def test_operation_errors_in_airvantage_shape(
         assert answer["errorParameters"] == [parameter or "f" * 32]
     status, answer, _ = await api(http, emulator, "GET", "/api/v1/operations/nope", token)
     assert (status, answer) == (404, {"error": "operation.not.found", "errorParameters": ["nope"]})
+    status, answer, _ = await api(http, emulator, "GET", "/api/v1/nothing", token)
+    assert (status, answer) == (404, {"error": "not.found", "errorParameters": ["/api/v1/nothing"]})
+    status, answer, _ = await api(http, emulator, "DELETE", "/api/v1/systems", token)
+    assert (status, answer["error"]) == (405, "method.not.allowed")
     assert emulator.operations() == []
 
 
@@ -1006,3 +1010,24 @@ async def test_emulator_reconnects_after_a_broker_restart_and_redelivers(
                 await emulator.wait_until(
                     lambda: emulator.operation(operation).state is OperationState.FINISHED
                 )
+
+
+async def test_reordered_task_delivery_within_one_operation(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    serials = [new_serial() for _ in range(3)]
+    uids = [await emulator.register_system(serial, "device-password") for serial in serials]
+    token = await get_token(http, emulator)
+    emulator.faults.reorder_tasks = 3
+    async with aiomqtt.Client(broker.host, broker.port, socket_options=NODELAY) as observer:
+        for serial in serials:
+            await observer.subscribe(f"{serial}/tasks/json", qos=1)
+        operation = await command(http, emulator, token, uids)
+        topics = []
+        async with asyncio.timeout(WAIT):
+            async for message in observer.messages:
+                topics.append(message.topic.value.split("/")[0])
+                if len(topics) == 3:
+                    break
+    assert topics == serials[::-1]
+    assert emulator.operation(operation).counters["IN_PROGRESS"] == 3
