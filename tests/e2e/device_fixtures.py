@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sandbox.airvantage import AckSeen, AirVantageEmulator, ApplicationModel, OperationState
-from sandbox.brokers import DeviceBroker
+from sandbox.brokers import BrokerAddress, DeviceBroker
 from sandbox.pki import SandboxPki, issue_certificate
 from shared.airvantage import IncomingCommunication, parse_envelope
 from shared.fragments import Completed, Reassembler
@@ -278,6 +278,17 @@ class Cloud:
         answer = await self._api("/api/v1/operations/systems/command", body)
         return str(answer["operation"])
 
+    async def settings(self, settings: Mapping[str, str]) -> str:
+        """Create a settings operation for the gateway; return the operation uid."""
+        system = self.emulator.system_uid(self.serial)
+        body = {
+            "systems": {"uids": [system]},
+            "settings": [{"key": key, "value": value} for key, value in settings.items()],
+            "reboot": False,
+        }
+        answer = await self._api("/api/v1/operations/systems/settings", body)
+        return str(answer["operation"])
+
     async def set_faults(self, **knobs: int) -> None:
         """Set the emulator's fault knobs through its REST control route."""
         async with self.http.post(
@@ -339,12 +350,22 @@ def daemon_config(
     pki: SandboxPki,
     retry: float = 4.0,
     check_cn: bool = True,
+    iot: BrokerAddress | None = None,
 ) -> Path:
-    """Write the daemon's TOML configuration (and its password file) into ``directory``."""
+    """Write the daemon's TOML configuration (and its password file) into ``directory``.
+
+    With ``iot``, the publisher is enabled and pointed at that broker (the delivered endpoint
+    is a sandbox name that does not resolve).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     password_file = directory / "airvantage-password"
     password_file.write_text(password + "\n")
     password_file.chmod(0o600)
+    publisher = "enabled = false"
+    if iot is not None:
+        publisher = (
+            f'enabled = true\nhost = "{iot.host}"\nport = {iot.port}\nca_file = "{iot.ca_file}"'
+        )
     config = directory / "ztp.toml"
     config.write_text(
         f"""
@@ -371,7 +392,7 @@ first = {retry}
 cap = {retry}
 
 [publisher]
-enabled = false
+{publisher}
 
 [log]
 destination = "stderr"

@@ -9,8 +9,13 @@ process's stderr and checks that no private key, password or token reached a log
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import random
 import stat
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,9 +23,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sandbox.brokers import DeviceBroker
+from sandbox.brokers import DeviceBroker, IotBroker
 from sandbox.pki import SandboxPki
 from shared.messages import CertificateRequest, Provisioned, Rejected
 from tests.e2e.device_fixtures import (
@@ -34,6 +40,13 @@ from tests.e2e.device_fixtures import (
 )
 from tests.sandbox.airvantage_fixtures import run_moto
 from tests.sandbox.conftest import run_on_private_loop
+from ztp_daemon.bundle import Bundle
+from ztp_daemon.config import load_device_config
+from ztp_daemon.csr import CsrSubject, build_csr
+from ztp_daemon.link import CONNECTION_TASK_NAME
+from ztp_daemon.machine import State, StateRecord, request_id_for
+from ztp_daemon.state import StateFile
+from ztp_daemon.supervisor import MACHINE_TASK_NAME, PUBLISHER_TASK_NAME, serve
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +57,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[DeviceBroker]:
     running = DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
+    run_on_private_loop(running.start())
+    try:
+        yield running
+    finally:
+        run_on_private_loop(running.stop())
+
+
+@pytest.fixture(scope="module")
+def iot_broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[IotBroker]:
+    running = IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=pki)
     run_on_private_loop(running.start())
     try:
         yield running
@@ -68,6 +91,12 @@ def password() -> str:
 
 
 @pytest.fixture
+def identity(serial: str, password: str) -> tuple[str, str]:
+    """The gateway's serial and AirVantage password, together."""
+    return serial, password
+
+
+@pytest.fixture
 async def cloud(
     broker: DeviceBroker, pki: SandboxPki, moto_endpoint: str, serial: str, password: str
 ) -> AsyncIterator[Cloud]:
@@ -79,10 +108,20 @@ async def cloud(
 
 @pytest.fixture
 async def daemon(
-    tmp_path: Path, broker: DeviceBroker, pki: SandboxPki, serial: str, password: str
+    tmp_path: Path,
+    broker: DeviceBroker,
+    iot_broker: IotBroker,
+    pki: SandboxPki,
+    identity: tuple[str, str],
 ) -> AsyncIterator[Daemon]:
+    serial, password = identity
     config = daemon_config(
-        tmp_path / "gateway", serial=serial, password=password, broker=broker, pki=pki
+        tmp_path / "gateway",
+        serial=serial,
+        password=password,
+        broker=broker,
+        pki=pki,
+        iot=iot_broker.address,
     )
     process = Daemon(config, tmp_path / "daemon.log")
     yield process
@@ -168,6 +207,9 @@ async def test_fresh_gateway_is_provisioned_from_shuffled_duplicated_fragments(
     assert (version / "key.pem").read_bytes() == key_pem
     assert (version / "certificate.pem").read_text() == issued.certificate_pem
     assert not (directory / "pending.key").exists()
+
+    # The publisher took over with the delivered certificate: mutual TLS to the IoT broker.
+    await daemon.wait_line(lambda line: "event=publisher.connected" in line)
 
     report = await asyncio.to_thread(status_json, daemon.config)
     assert report["state"] == "provisioned"
@@ -294,3 +336,141 @@ async def test_killed_in_each_state_and_restarted_keeps_one_key_one_csr_one_bund
     assert report["state"] == "provisioned"
     assert report["certificate_id"] == issued.certificate_id
     assert_no_secrets(daemon, cloud, password, key_pem)
+
+
+async def test_serve_in_process_refuses_settings_and_hands_the_bundle_to_the_publisher(
+    tmp_path: Path,
+    broker: DeviceBroker,
+    pki: SandboxPki,
+    cloud: Cloud,
+    identity: tuple[str, str],
+) -> None:
+    serial, password = identity
+    config = load_device_config(
+        daemon_config(tmp_path, serial=serial, password=password, broker=broker, pki=pki), {}
+    )
+    opened: list[Bundle] = []
+    publishing = asyncio.Event()
+    closed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def publisher(bundle: Bundle) -> AsyncIterator[None]:
+        opened.append(bundle)
+        publishing.set()
+        try:
+            yield
+        finally:
+            closed.set()
+
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+
+    async def shutdown() -> None:
+        await stop.wait()
+
+    running = asyncio.create_task(
+        serve(
+            config,
+            shutdown=shutdown,
+            ready=ready,
+            publisher_factory=publisher,
+            rng=random.Random(1),
+        )
+    )
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        request = await cloud.wait_request(1)
+        # A settings write is not a command: refused by its uid, and nothing else changes.
+        [ack] = await cloud.acks(await cloud.settings({"/ztp/ztp/endpoint": "x.example.com"}))
+        assert ack.status == "ERROR"
+        assert ack.message is not None
+        assert "not a command task" in ack.message
+        issued = cloud.issue(request)
+        [ack] = await cloud.acks(await cloud.command(cloud.params(request, issued)))
+        assert ack.status == "OK"
+        async with asyncio.timeout(10):
+            await publishing.wait()
+        [bundle] = opened
+        assert (bundle.version, bundle.certificate_id) == (1, issued.certificate_id)
+        assert bundle.endpoint == ENDPOINT
+        names = {task.get_name() for task in asyncio.all_tasks()}
+        assert {MACHINE_TASK_NAME, PUBLISHER_TASK_NAME, CONNECTION_TASK_NAME} <= names
+        assert not closed.is_set()
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await running
+    assert closed.is_set()
+    names = {task.get_name() for task in asyncio.all_tasks()}
+    assert not {MACHINE_TASK_NAME, PUBLISHER_TASK_NAME, CONNECTION_TASK_NAME} & names
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ZTP_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ztp_daemon", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env={**base, **(env or {})},
+    )
+
+
+def test_cli_help_status_and_a_bad_configuration(tmp_path: Path, pki: SandboxPki) -> None:
+    top = run_cli("--help")
+    assert top.returncode == 0
+    assert "run" in top.stdout
+    assert "status" in top.stdout
+    run_help = run_cli("run", "--help")
+    assert run_help.returncode == 0
+    assert "ZTP_AIRVANTAGE_PASSWORD_FILE" in run_help.stdout
+
+    fresh = run_cli("status", "--state-dir", str(tmp_path / "none"))
+    assert fresh.returncode == 0
+    assert fresh.stdout.splitlines()[0].split()[:2] == ["state:", "fresh"]
+
+    # A gateway waiting to retry: the person reading sees why and when.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = build_csr(key, CsrSubject("SN-STATUS"))
+    StateFile(tmp_path / "state").save(
+        StateRecord(
+            State.WAITING_RETRY,
+            request_id_for(csr),
+            csr,
+            attempts=3,
+            next_retry_at=2_000_000_000.0,
+            last_error="expired: valid until 2025-01-01",
+        )
+    )
+    human = run_cli("status", "--state-dir", str(tmp_path / "state"))
+    assert human.returncode == 0
+    assert "waiting_retry" in human.stdout
+    assert "SN-STATUS" in human.stdout
+    assert "expired: valid until 2025-01-01" in human.stdout
+    assert "2033-05-18T03:33:20+00:00" in human.stdout
+    config = tmp_path / "ztp.toml"
+    config.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n')
+    machine = run_cli("status", "--json", "--config", str(config))
+    assert machine.returncode == 0
+    report = json.loads(machine.stdout)
+    assert (report["state"], report["serial"], report["attempts"]) == (
+        "waiting_retry",
+        "SN-STATUS",
+        3,
+    )
+
+    # No password anywhere: refused by key before anything starts, the secret never echoed.
+    missing = run_cli("run", "--config", str(config))
+    assert missing.returncode == 2
+    assert "airvantage.password" in missing.stderr
+    bad = run_cli(
+        "run",
+        "--config",
+        str(config),
+        env={"ZTP_AIRVANTAGE_PASSWORD": "pw-123", "ZTP_RETRY_CAP": "x"},
+    )
+    assert bad.returncode == 2
+    assert "ZTP_RETRY_CAP" in bad.stderr
+    assert "pw-123" not in bad.stderr + bad.stdout
