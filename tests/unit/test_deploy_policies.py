@@ -12,6 +12,7 @@ call without its permission, or a permission no code uses any more, fails the te
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import re
 import shlex
@@ -543,3 +544,53 @@ def test_operations_guide_lists_the_policy_as_it_is() -> None:
         listed = {name.strip(" `").split(":")[-1] for name in row.group(1).split(",")}
         actions = {a.split(":")[1] for a in _as_list(statement["Action"])}
         assert listed == actions, statement["Sid"]
+
+
+def _runtime_distributions() -> set[str]:
+    """The project's runtime dependencies and everything they require, transitively."""
+    pending = [
+        re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]
+        for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pending += [
+            re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0] for r in requires if "extra ==" not in r
+        ]
+    return seen
+
+
+def test_the_image_holds_everything_the_cloud_daemon_imports() -> None:
+    # The image copies only some packages and installs only the runtime dependencies: an import
+    # of the sandbox, of the device daemon or of a test-only library would fail in ECS alone.
+    copied = {
+        Path(s).name for c in dockerfile_instructions(stage=0)["COPY"] for s in shlex.split(c)[:-1]
+    }
+    packages = {name for name in copied if (ROOT / name / "__init__.py").exists()}
+    distributions = importlib.metadata.packages_distributions()
+    runtime = _runtime_distributions()
+    for package in sorted(packages):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    where = f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                    if top in sys.stdlib_module_names or top in packages:
+                        continue
+                    assert not (ROOT / top).is_dir(), f"{where}: the image does not copy {top}/"
+                    owners = {d.lower().replace("_", "-") for d in distributions.get(top, [])}
+                    assert owners & runtime, f"{where}: not a runtime dependency"
