@@ -30,6 +30,7 @@ from xml.etree import ElementTree
 import botocore
 import botocore.session
 import pytest
+from botocore.validate import ParamValidator
 
 from shared import messages
 
@@ -344,6 +345,16 @@ def container() -> dict[str, Any]:
     (definition,) = task["containerDefinitions"]
     result: dict[str, Any] = definition
     return result
+
+
+def test_task_definition_is_what_register_task_definition_accepts() -> None:
+    # botocore's own model of the ECS API: a misspelt key or a wrong type is reported here,
+    # not by `aws ecs register-task-definition` on deployment day.
+    model = botocore.session.Session().get_service_model("ecs")
+    shape = model.operation_model("RegisterTaskDefinition").input_shape
+    task = json.loads(TASK_DEFINITION.read_text(encoding="utf-8"))
+    report = ParamValidator().validate(task, shape)
+    assert not report.has_errors(), report.generate_report()
 
 
 def test_task_stops_gracefully_and_logs(container: dict[str, Any]) -> None:
