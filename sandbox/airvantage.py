@@ -33,10 +33,16 @@ operations and their tasks, the fault knobs' counters) and *decides*: every call
 - **Kinesis connector**: device data on ``+/messages/json`` (any of the three shapes) becomes
   ``event.system.incoming.communication`` envelopes put into the stream with the system uid as
   partition key. Data paths the application model does not declare are dropped, as AirVantage
-  does; a message with nothing declared left produces no record. With ``envelope_style="nested"``
-  the data sits under timestamp keys in one record per message; with ``"flat"`` the pairs sit
-  directly in ``content``, one record per distinct timestamp. With ``operation_events=True``,
-  every operation state change also becomes an ``event.operation.state.change`` record.
+  does; a message with nothing declared left produces no record. One connector task puts the
+  queued records in PutRecords batches (≤ 500), retrying failed entries, so records of one system
+  keep their order unless a retry intervenes (consumers must not rely on order anyway). With
+  ``envelope_style="nested"`` the data sits under timestamp keys in one record per message; with
+  ``"flat"`` the pairs sit directly in ``content``, one record per distinct timestamp. With
+  ``operation_events=True``, every operation state change also becomes an
+  ``event.operation.state.change`` record (partition key: the operation uid).
+- **Control** (``/_emulator/...``, no token, no faults): ``GET``/``POST /_emulator/faults`` reads
+  or sets the knobs (``{"expire_tokens": true}`` and ``{"release_held_tasks": true}`` act at
+  once), ``GET /_emulator/operations`` lists every operation.
 - **Faults** (:class:`Faults`, settable from tests or ``POST /_emulator/faults``): 429 with
   ``Retry-After`` or a 5xx for the next N ``/api`` requests, added latency, expiring every token,
   duplicated task delivery, reordered task delivery (the next N tasks, across operations and

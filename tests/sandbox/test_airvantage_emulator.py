@@ -357,6 +357,8 @@ async def test_command_round_trip_success(
     status, body, _ = await api(http, emulator, "GET", path, token)
     assert body["state"] == "FINISHED"
     assert counters(body) == {"PENDING": 0, "IN_PROGRESS": 0, "SUCCESS": 1, "FAILURE": 0}
+    async with http.get(f"{emulator.api_url}/_emulator/operations") as response:
+        assert [op["uid"] for op in (await response.json())["items"]] == [operation]
     assert [(a.serial, a.uid, a.status) for a in emulator.acks_seen] == [
         (serial, task["uid"], "OK")
     ]
@@ -675,6 +677,8 @@ async def test_control_route_refuses_bad_knobs(
             assert response.status == 400
             assert (await response.json())["error"] == "request.invalid"
     assert emulator.faults == Faults()
+    async with http.get(f"{emulator.api_url}/_emulator/faults") as response:
+        assert await response.json() == Faults().to_json()
 
 
 async def test_duplicated_task_delivery(
