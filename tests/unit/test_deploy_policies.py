@@ -605,3 +605,51 @@ def test_the_image_holds_everything_the_cloud_daemon_imports() -> None:
                     assert not (ROOT / top).is_dir(), f"{where}: the image does not copy {top}/"
                     owners = {d.lower().replace("_", "-") for d in distributions.get(top, [])}
                     assert owners & runtime, f"{where}: not a runtime dependency"
+
+
+def _create_table_schema(module: str, function: str) -> tuple[set[tuple[str, str]], list[str]]:
+    """(attribute definitions, key schema as 'name:TYPE') of the create_table call in a helper."""
+    tree = ast.parse((CLOUD / module).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AsyncFunctionDef) and node.name == function:
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "create_table":
+                    keywords = {
+                        k.arg: ast.literal_eval(k.value)
+                        for k in call.keywords
+                        if k.arg in ("AttributeDefinitions", "KeySchema")
+                    }
+                    attributes = {
+                        (a["AttributeName"], a["AttributeType"])
+                        for a in keywords["AttributeDefinitions"]
+                    }
+                    keys = [f"{k['AttributeName']}:{k['KeyType']}" for k in keywords["KeySchema"]]
+                    return attributes, keys
+    raise AssertionError(f"{module}: no create_table call in {function}")
+
+
+def _documented_table(guide: str, table: str) -> tuple[set[tuple[str, str]], list[str]]:
+    command = re.search(
+        rf"aws dynamodb create-table --table-name {table} (.*?)--region", guide, re.DOTALL
+    )
+    assert command is not None, f"docs/operations.md does not create {table}"
+    text = command.group(1).replace("\\\n", " ")
+    attributes = set(re.findall(r"AttributeName=(\w+),AttributeType=(\w)", text))
+    keys = [f"{n}:{t}" for n, t in re.findall(r"AttributeName=(\w+),KeyType=(\w+)", text)]
+    return attributes, keys
+
+
+@pytest.mark.parametrize(
+    ("table", "module", "function"),
+    [
+        ("ztp-leases", "leases.py", "create_lease_table"),
+        ("ztp-ledger", "ledger.py", "create_ledger_table"),
+    ],
+)
+def test_operations_guide_creates_the_tables_the_code_expects(
+    table: str, module: str, function: str
+) -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert _documented_table(guide, table) == _create_table_schema(module, function)
+    resources = {r for s in load_policy()["Statement"] for r in _as_list(s["Resource"])}
+    assert f"arn:aws:dynamodb:REGION:ACCOUNT_ID:table/{table}" in resources
