@@ -31,7 +31,7 @@ from sandbox.airvantage import (
 )
 from sandbox.brokers import DeviceBroker
 from sandbox.pki import SandboxPki
-from shared.errors import TransportError, UsageError
+from shared.errors import ConfigError, TransportError, UsageError
 from tests.sandbox.airvantage_fixtures import (
     REGION,
     Broker,
@@ -1035,3 +1035,48 @@ async def test_reordered_task_delivery_within_one_operation(
                     break
     assert topics == serials[::-1]
     assert emulator.operation(operation).counters["IN_PROGRESS"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# The application model and the knobs, without peers
+
+
+def test_shipped_model_declares_what_the_daemons_use() -> None:
+    model = ApplicationModel.load()
+    assert "ztp.csr" in model.variables
+    assert "ztp.deliver" in model.commands
+    assert {"/ztp/ztp/endpoint", "/ztp/ztp/cert1"} <= model.settings
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {},
+        {"type": ""},
+        {"type": "t", "variables": [{"no_path": 1}]},
+        {"type": "t", "variables": [{"path": "nodot"}]},
+        {"type": "t", "commands": [{"id": "nodot"}]},
+        {"type": "t", "commands": ["ztp.deliver"]},
+    ],
+)
+def test_malformed_models_are_refused(document: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        ApplicationModel.from_json(document)
+
+
+def test_model_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        ApplicationModel.load(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigError):
+        ApplicationModel.load(tmp_path / "list.json")
+
+
+def test_faults_validate_and_update_all_or_nothing() -> None:
+    faults = Faults()
+    faults.update({"latency": 0.25, "rate_limit_next": 2})
+    assert (faults.latency, faults.rate_limit_next) == (0.25, 2)
+    for bad in ({"rate_limit_next": 1.5}, {"duplicate_tasks": True}, {"latency": -1}):
+        with pytest.raises(UsageError):
+            faults.update({"retry_after": 9, **bad})
+        assert faults.retry_after == 1
