@@ -141,6 +141,8 @@ class AirVantageSection:
         password: the system's MQTT password (or ``password_file``).
         keepalive: MQTT keep-alive, seconds.
         connect_timeout: bound on one connection attempt, seconds.
+        publish_timeout: bound on one publish (until its PUBACK), seconds; past it the connection
+            is dropped and made again.
         backoff_base: the first reconnect backoff ceiling, seconds.
         backoff_cap: the largest reconnect backoff ceiling, seconds.
         min_connect_interval: the least time between two connection attempts, seconds.
@@ -153,6 +155,7 @@ class AirVantageSection:
     ca_file: Path | None = None
     keepalive: int = field(default=60, metadata={"min": 5, "max": 3600})
     connect_timeout: float = field(default=10.0, metadata={"min": 0.1, "max": 300})
+    publish_timeout: float = field(default=10.0, metadata={"min": 0.1, "max": 300})
     backoff_base: float = field(default=1.0, metadata={"min": 0.01, "max": 3600})
     backoff_cap: float = field(default=300.0, metadata={"min": 0.01, "max": 86400})
     min_connect_interval: float = field(default=1.0, metadata={"min": 0.0, "max": 3600})

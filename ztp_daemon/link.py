@@ -27,7 +27,9 @@ Sending (:meth:`AirVantageLink.publish_data`, :meth:`AirVantageLink.ack`) publis
 ``{serial}/messages/json`` and ``{serial}/acks/json`` and returns once the broker has acknowledged
 the message. When the link is down, or the publish does not complete within ``publish_timeout``,
 it raises :class:`~ztp_daemon.errors.LinkError`; the caller decides whether to send again after
-the next :class:`Connected`.
+the next :class:`Connected`. A publish left without PUBACK also ends the connection at once (the
+tasks ``link.read`` and ``link.drop`` serve each connection): a connection that no longer
+acknowledges is reconnected rather than trusted.
 
 aiomqtt's exceptions are translated here and nowhere else.
 """
@@ -223,6 +225,8 @@ class AirVantageLink:
         self._task: asyncio.Task[None] | None = None
         self._entered = False
         self._tls_context: ssl.SSLContext | None = None
+        self._drop = asyncio.Event()
+        self._drop_reason = ""
         self._topics = (
             tasks_topic(settings.serial),
             messages_topic(settings.serial),
@@ -297,7 +301,12 @@ class AirVantageLink:
             async with asyncio.timeout(self._settings.publish_timeout):
                 await client.publish(topic, payload, qos=1)
         except TimeoutError as exc:
-            raise LinkError(f"no PUBACK within {self._settings.publish_timeout} s") from exc
+            reason = f"no PUBACK within {self._settings.publish_timeout} s"
+            # A connection that stops acknowledging is dead in all but name: reconnect now, so
+            # the caller's "send again after the next Connected" happens soon.
+            if self._client is client:
+                self._drop_connection(reason)
+            raise LinkError(reason) from exc
         except aiomqtt.MqttError as exc:
             raise LinkError(f"publish failed: {_describe(exc)}") from exc
 
@@ -350,9 +359,7 @@ class AirVantageLink:
                     self._on_event(Connected(attempt))
                     failures = 0
                     attempt = 0
-                    async for message in client.messages:
-                        self._on_message(message)
-                    reason = "message stream ended"
+                    reason = await self._serve(client)
             except aiomqtt.MqttError as exc:
                 reason = _describe(exc)
             except TimeoutError:
@@ -372,6 +379,35 @@ class AirVantageLink:
                     retry_within=retry_ceiling,
                 )
 
+    async def _serve(self, client: aiomqtt.Client) -> str:
+        """Read tasks until the connection is lost or dropped on purpose; return why it ended."""
+        drop = self._drop = asyncio.Event()
+
+        async def read() -> None:
+            async for message in client.messages:
+                self._on_message(message)
+            raise _EndConnectionError("message stream ended")
+
+        async def watch() -> None:
+            await drop.wait()
+            raise _EndConnectionError(self._drop_reason)
+
+        reason = "connection ended"
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(read(), name="link.read")
+                group.create_task(watch(), name="link.drop")
+        except* _EndConnectionError as ended:
+            reason = _first_reason(ended)
+        except* aiomqtt.MqttError as lost:
+            reason = _first_reason(lost)
+        return reason
+
+    def _drop_connection(self, reason: str) -> None:
+        """End the current connection (the loop reconnects): it no longer carries publishes."""
+        self._drop_reason = reason
+        self._drop.set()
+
     def _on_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         if topic != self._topics[0]:
@@ -385,6 +421,23 @@ class AirVantageLink:
             return
         for task in tasks:
             self._on_event(TaskArrived(task))
+
+
+class _EndConnectionError(Exception):
+    """Raised inside a connection's task group to end it (stream ended, or dropped on purpose)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    if isinstance(leaf, _EndConnectionError):
+        return leaf.reason
+    return _describe(leaf)
 
 
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:

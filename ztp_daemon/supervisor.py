@@ -168,6 +168,7 @@ def link_settings(config: DeviceConfig, serial: str) -> LinkSettings:
         ca_file=section.ca_file,
         keepalive=section.keepalive,
         connect_timeout=section.connect_timeout,
+        publish_timeout=section.publish_timeout,
         backoff_base=section.backoff_base,
         backoff_cap=section.backoff_cap,
         min_connect_interval=section.min_connect_interval,

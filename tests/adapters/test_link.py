@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -372,3 +374,27 @@ def test_serial_must_suit_a_topic_and_the_ca_bundle_must_load(tmp_path: Path) ->
         with pytest.raises(ConfigError) as caught:
             config.verify_policy()
         assert caught.value.key == "verification.ca_bundle"
+
+
+async def test_a_publish_left_without_puback_drops_the_connection_and_reconnects(
+    tmp_path: Path, pki: SandboxPki, device: Device
+) -> None:
+    (tmp_path / "stalled").mkdir()
+    async with DeviceBroker(tmp_path / "stalled", pki=pki) as stalled:
+        await stalled.add_device(device.serial, device.password)
+        settings = settings_for(stalled, device, publish_timeout=0.3)
+        async with AirVantageLink(settings, on_event=device.record) as link:
+            await device.wait_for(lambda: device.count(Connected) == 1)
+            pid = stalled.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(LinkError, match="no PUBACK"):
+                    await link.ack([Ack.ok("t-stalled")])
+                await device.wait_for(lambda: device.count(Disconnected) == 1)
+                assert not link.connected
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await device.wait_for(lambda: device.count(Connected) == 2)
+            await link.ack([Ack.ok("t-after")])
+    assert device.events[1] == Disconnected("no PUBACK within 0.3 s")

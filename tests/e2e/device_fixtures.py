@@ -351,6 +351,7 @@ def daemon_config(
     retry: float = 4.0,
     check_cn: bool = True,
     iot: BrokerAddress | None = None,
+    publish_timeout: float = 5.0,
 ) -> Path:
     """Write the daemon's TOML configuration (and its password file) into ``directory``.
 
@@ -379,6 +380,7 @@ port = {broker.address.port}
 tls = false
 password_file = "{password_file}"
 connect_timeout = 5.0
+publish_timeout = {publish_timeout}
 backoff_base = 0.05
 backoff_cap = 0.5
 min_connect_interval = 0.05

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import stat
 import subprocess
 import sys
@@ -474,3 +475,61 @@ def test_cli_help_status_and_a_bad_configuration(tmp_path: Path, pki: SandboxPki
     assert bad.returncode == 2
     assert "ZTP_RETRY_CAP" in bad.stderr
     assert "pw-123" not in bad.stderr + bad.stdout
+
+
+@pytest.mark.slow
+async def test_a_request_lost_to_a_stalled_link_goes_again_once_reconnected(
+    tmp_path: Path, pki: SandboxPki, moto_endpoint: str, identity: tuple[str, str]
+) -> None:
+    serial, password = identity
+    (tmp_path / "stalled").mkdir()
+    async with DeviceBroker(tmp_path / "stalled", pki=pki) as stalled:
+        config = daemon_config(
+            tmp_path / "gateway",
+            serial=serial,
+            password=password,
+            broker=stalled,
+            pki=pki,
+            retry=1.0,
+            publish_timeout=0.4,
+        )
+        daemon = Daemon(config, tmp_path / "daemon.log")
+        async with open_cloud(
+            broker=stalled,
+            pki=pki,
+            aws_endpoint_url=moto_endpoint,
+            serial=serial,
+            password=password,
+        ) as cloud:
+            try:
+                await daemon.start()
+                first = await cloud.wait_request(1)
+                pid = stalled.pid
+                assert pid is not None
+                # The broker stops answering; the retry timer's re-send gets no PUBACK.
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    deferred = await daemon.wait_line(
+                        lambda line: (
+                            "event=link.send_deferred" in line and "action=PublishRequest" in line
+                        )
+                    )
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                mark = daemon.lines.index(deferred)
+                await daemon.wait_line(lambda line: "event=link.connected" in line, after=mark)
+                await daemon.wait_line(lambda line: "event=request.sent" in line, after=mark)
+                sent = await cloud.requests()
+                assert len(sent) >= 2
+                assert {r.csr_pem for r in sent} == {first.csr_pem}
+                issued = cloud.issue(first)
+                [ack] = await cloud.acks(await cloud.command(cloud.params(first, issued)))
+                assert ack.status == "OK"
+                assert await cloud.wait_provisioned() == Provisioned(
+                    first.request_id, issued.certificate_id
+                )
+                assert await daemon.stop() == 0
+            finally:
+                if daemon.running:
+                    await daemon.kill()
+            assert_no_secrets(daemon, cloud, password)
