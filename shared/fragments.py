@@ -44,7 +44,7 @@ transfer_id)`` (the source is the device serial on the cloud side, ``""`` on the
   (:class:`~shared.errors.DigestMismatchError`); a failed transfer is dropped so a resend can
   start afresh.
 
-``docs/fragment-format.md`` is the normative description of the format.
+The "Fragment format" section of ``README.md`` is the normative description of the format.
 """
 
 from __future__ import annotations

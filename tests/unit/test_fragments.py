@@ -40,7 +40,7 @@ from shared.fragments import (
     split,
 )
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "fragment-format.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
 PRINTABLE = re.compile(r"[\x20-\x7e]+")
 # Large enough for any payload the properties generate at the smallest fragment size.
 ROOMY = ReassemblyLimits(max_fragments=FORMAT_MAX_COUNT, max_payload_bytes=8192)
