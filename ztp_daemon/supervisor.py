@@ -257,8 +257,9 @@ class Supervisor:
             attempts=self._machine.record.attempts if self._machine.record else 0,
         )
         async with contextlib.AsyncExitStack() as stack:
-            self._watchdog = await stack.enter_async_context(Watchdog(notifier=self._notifier))
-            self._watchdog.register("machine")
+            watchdog = Watchdog(notifier=self._notifier)
+            watchdog.register("machine")
+            self._watchdog = await stack.enter_async_context(watchdog)
             self._link = await stack.enter_async_context(
                 AirVantageLink(self._link_settings, on_event=self._on_link_event, rng=self._rng)
             )

@@ -426,9 +426,13 @@ class Daemon:
         """Whether the process is alive."""
         return self._process is not None and self._process.returncode is None
 
-    async def start(self) -> None:
-        """Start a run; its lines are read from now on."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ZTP_", "NOTIFY_"))}
+    async def start(self, *, env: Mapping[str, str] | None = None) -> None:
+        """Start a run (with ``env`` added to a clean environment); read its lines from now on."""
+        clean = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ZTP_", "NOTIFY_", "WATCHDOG_"))
+        }
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -439,7 +443,7 @@ class Daemon:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=env,
+            env={**clean, **(env or {})},
         )
         self.runs += 1
         self._reader = asyncio.create_task(self._read(self._process), name="test.daemon-log")

@@ -14,11 +14,12 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -533,3 +534,34 @@ async def test_a_request_lost_to_a_stalled_link_goes_again_once_reconnected(
                 if daemon.running:
                     await daemon.kill()
             assert_no_secrets(daemon, cloud, password)
+
+
+async def test_systemd_hears_ready_status_watchdog_and_stopping(
+    tmp_path: Path, daemon: Daemon, cloud: Cloud
+) -> None:
+    address = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(address))
+        listener.setblocking(False)  # noqa: FBT003 - the socket API takes a bare flag
+        loop = asyncio.get_running_loop()
+        heard: list[str] = []
+
+        async def hear(predicate: Callable[[str], bool]) -> str:
+            async with asyncio.timeout(10):
+                while True:
+                    datagram = (await loop.sock_recv(listener, 4096)).decode()
+                    heard.append(datagram)
+                    if predicate(datagram):
+                        return datagram
+
+        # A 1 s watchdog: pings every 0.5 s, while the machine loop beats every 0.25 s.
+        await daemon.start(env={"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "1000000"})
+        ready = await hear(lambda d: "READY=1" in d)
+        assert "STATUS=provisioning:" in ready
+        await cloud.wait_request(1)
+        if not any("STATUS=provisioning: request_sent" in d for d in heard):
+            await hear(lambda d: "STATUS=provisioning: request_sent" in d)
+        for _ in range(2):
+            await hear(lambda d: d.strip() == "WATCHDOG=1")
+        assert await daemon.stop() == 0
+        await hear(lambda d: "STOPPING=1" in d)
