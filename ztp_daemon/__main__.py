@@ -40,6 +40,7 @@ from ztp_daemon.config import (
     load_device_config,
 )
 from ztp_daemon.errors import StorageError
+from ztp_daemon.keystore import FileKeyStore
 from ztp_daemon.sdnotify import Notifier
 from ztp_daemon.state import DEFAULT_STATE_DIRECTORY, StateFile
 from ztp_daemon.supervisor import BUNDLE_DIRECTORY, PublisherFactory, serve
@@ -182,6 +183,15 @@ async def _run_daemon(config: DeviceConfig, notifier: Notifier) -> None:
     )
 
 
+def _first_ztp_error(group: BaseExceptionGroup[ZtpError]) -> ZtpError:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    if not isinstance(leaf, ZtpError):  # pragma: no cover - except* ZtpError holds only those
+        raise TypeError(type(leaf).__name__)
+    return leaf
+
+
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         config = load_device_config(_config_path(args.config, env), env)
@@ -201,8 +211,9 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         notifier = Notifier.from_env(env)
         asyncio.run(_run_daemon(config, notifier))
-    except ZtpError as exc:
-        failure = exc
+    except* ZtpError as group:
+        # Raised directly or inside a task group (the supervisor's, the link's): the first one.
+        failure = _first_ztp_error(group)
     if failure is None:
         return _EXIT_OK
     # The reason says it all; a traceback would only bury it.
@@ -293,7 +304,7 @@ def status_report(state_dir: Path, *, now: dt.datetime | None = None) -> dict[st
         "certificate_expired": None if expires is None else expires <= moment,
         "endpoint": bundle.endpoint if bundle is not None else None,
         "bundle_version": bundle.version if bundle is not None else None,
-        "pending_key": (state_dir / "pending.key").exists(),
+        "pending_key": FileKeyStore(state_dir).path.exists(),
         "state_dir": str(state_dir),
     }
 

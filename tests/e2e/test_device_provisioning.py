@@ -477,6 +477,26 @@ def test_cli_help_status_and_a_bad_configuration(tmp_path: Path, pki: SandboxPki
     assert "ZTP_RETRY_CAP" in bad.stderr
     assert "pw-123" not in bad.stderr + bad.stdout
 
+    # A damaged state file: neither command starts afresh over it (that would make a second key).
+    (tmp_path / "state" / "state.json").write_text("{not json")
+    damaged = run_cli("status", "--state-dir", str(tmp_path / "state"))
+    assert damaged.returncode == 1
+    assert "state.json" in damaged.stderr
+    refused = run_cli(
+        "run",
+        "--config",
+        str(config),
+        env={
+            "ZTP_AIRVANTAGE_PASSWORD": "pw-123",
+            "ZTP_DEVICE_SERIAL": "SN-STATUS",
+            "ZTP_LOG_DESTINATION": "stderr",
+        },
+    )
+    assert refused.returncode == 1
+    assert "event=daemon.failed error=StorageError" in refused.stderr
+    assert "pw-123" not in refused.stderr
+    assert not (tmp_path / "state" / "pending.key").exists()
+
 
 @pytest.mark.slow
 async def test_a_request_lost_to_a_stalled_link_goes_again_once_reconnected(
