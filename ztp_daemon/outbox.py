@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import structlog
 
@@ -62,6 +62,7 @@ __all__ = [
     "AWS_MAX_PAYLOAD_BYTES",
     "TRANSITIONS",
     "Admission",
+    "BatchAdmission",
     "Durability",
     "EntryState",
     "Outbox",
@@ -85,6 +86,7 @@ _AWS_MAX_TOPIC_SLASHES: Final = 7
 _INSERT_CHUNK: Final = 150  # rows per INSERT statement (5 parameters each)
 _DELETE_CHUNK: Final = 500
 _FETCH_BATCH: Final = 256
+_TOPIC_CACHE: Final = 1024
 
 _log = structlog.get_logger()
 
@@ -244,8 +246,8 @@ def check_topic(topic: str) -> None:
 # -- the pure core -----------------------------------------------------------------------------
 
 
-class EntryState(enum.Enum):
-    """Where one message is in its life."""
+class EntryState(enum.StrEnum):
+    """Where one message is in its life (a StrEnum: hashed in C on the hot path)."""
 
     ACCEPTED = "accepted"  # admitted, its row not yet committed
     QUEUED = "queued"  # committed, waiting to be sent
@@ -253,7 +255,7 @@ class EntryState(enum.Enum):
     GONE = "gone"  # acked or dropped
 
 
-class _Event(enum.Enum):
+class _Event(enum.StrEnum):
     COMMITTED = "committed"
     TAKEN = "taken"
     ACKED = "acked"
@@ -280,6 +282,19 @@ class Admission:
     """
 
     seq: int
+    dropped: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAdmission:
+    """What :meth:`OutboxCore.admit_many` decided.
+
+    Attributes:
+        seqs: the new messages' sequence numbers, in order.
+        dropped: sequence numbers dropped to make room (oldest first), with their sizes.
+    """
+
+    seqs: tuple[int, ...]
     dropped: tuple[tuple[int, int], ...] = ()
 
 
@@ -314,6 +329,7 @@ class OutboxCore:
         self._order: deque[int] = deque()
         self._bytes = 0
         self._in_flight = 0
+        self._in_flight_bytes = 0
         self._counters = _Counters()
 
     @property
@@ -385,49 +401,78 @@ class OutboxCore:
 
         Raises:
             PayloadTooLargeError: ``size`` exceeds ``max_payload_bytes``.
-            OutboxFullError: the outbox is full and the policy is REFUSE, or nothing droppable
-                is left (everything held is in flight).
+            OutboxFullError: the outbox is full and the policy is REFUSE, or even dropping every
+                queued message would not make room (what is in flight cannot be dropped).
+                Nothing changes then.
         """
         limits = self._limits
         if size > limits.max_payload_bytes:
             raise PayloadTooLargeError("max_payload_bytes", limits.max_payload_bytes, size)
-        dropped: list[tuple[int, int]] = []
+        dropped: tuple[tuple[int, int], ...] = ()
         if len(self._entries) + 1 > limits.max_messages or self._bytes + size > limits.max_bytes:
-            if limits.policy is OverflowPolicy.REFUSE:
-                self._counters.refused += 1
-                raise self._full_error(size)
-            while self._order and (
-                len(self._entries) + 1 > limits.max_messages
-                or self._bytes + size > limits.max_bytes
-            ):
-                victim = self._order.popleft()
-                entry = self._move(victim, _Event.DROPPED)
-                dropped.append((victim, entry.size))
-            if (
-                len(self._entries) + 1 > limits.max_messages
-                or self._bytes + size > limits.max_bytes
-            ):
-                # Only in-flight messages are left: they cannot be dropped, so refuse. What was
-                # dropped on the way stays dropped (it was the oldest, and space is still short).
-                self._counters.dropped += len(dropped)
-                self._counters.refused += 1
-                raise self._full_error(size)
-            self._counters.dropped += len(dropped)
+            dropped = self._make_room(1, size)
+        return Admission(self._enter(size), dropped)
+
+    def admit_many(self, sizes: Sequence[int]) -> BatchAdmission:
+        """Admit several messages, all or none.
+
+        Returns:
+            Their sequence numbers (in order) and what was dropped to make room.
+
+        Raises:
+            PayloadTooLargeError: one size exceeds ``max_payload_bytes`` (none is admitted).
+            OutboxFullError: they do not all fit (none is admitted, nothing is dropped).
+        """
+        limits = self._limits
+        for size in sizes:
+            if size > limits.max_payload_bytes:
+                raise PayloadTooLargeError("max_payload_bytes", limits.max_payload_bytes, size)
+        count, total = len(sizes), sum(sizes)
+        dropped: tuple[tuple[int, int], ...] = ()
+        if (
+            len(self._entries) + count > limits.max_messages
+            or self._bytes + total > limits.max_bytes
+        ):
+            dropped = self._make_room(count, total)
+        return BatchAdmission(tuple(self._enter(size) for size in sizes), dropped)
+
+    def _make_room(self, count: int, total: int) -> tuple[tuple[int, int], ...]:
+        """Apply the overflow policy for ``count`` new messages of ``total`` bytes."""
+        limits = self._limits
+        if limits.policy is OverflowPolicy.REFUSE or (
+            self._in_flight + count > limits.max_messages
+            or self._in_flight_bytes + total > limits.max_bytes
+        ):
+            self._counters.refused += count
+            raise self._full_error(count, total)
+        # Everything not in flight is in _order, so this ends with room to spare (checked above).
+        dropped = []
+        while (
+            len(self._entries) + count > limits.max_messages
+            or self._bytes + total > limits.max_bytes
+        ):
+            victim = self._order.popleft()
+            entry = self._move(victim, _Event.DROPPED)
+            dropped.append((victim, entry.size))
+        self._counters.dropped += len(dropped)
+        return tuple(dropped)
+
+    def _enter(self, size: int) -> int:
         seq = self._next_seq
         self._next_seq += 1
         self._entries[seq] = _Entry(size, EntryState.ACCEPTED)
         self._order.append(seq)
         self._bytes += size
         self._counters.accepted += 1
-        return Admission(seq, tuple(dropped))
+        return seq
 
-    def _full_error(self, size: int) -> OutboxFullError:
+    def _full_error(self, count: int, total: int) -> OutboxFullError:
         limits = self._limits
-        if len(self._entries) + 1 > limits.max_messages:
+        if len(self._entries) + count > limits.max_messages:
             return OutboxFullError(
-                "outbox_max_messages", limits.max_messages, len(self._entries) + 1
+                "outbox_max_messages", limits.max_messages, len(self._entries) + count
             )
-        return OutboxFullError("outbox_max_bytes", limits.max_bytes, self._bytes + size)
+        return OutboxFullError("outbox_max_bytes", limits.max_bytes, self._bytes + total)
 
     def abandon(self, seq: int) -> None:
         """Forget a message whose row could not be committed (it was never accepted)."""
@@ -455,11 +500,22 @@ class OutboxCore:
     def take(self) -> int | None:
         """The next message to publish, marked in flight; None if none may go now."""
         seq = self.head()
-        if seq is None:
-            return None
-        self._order.popleft()
-        self._move(seq, _Event.TAKEN)
+        if seq is not None:
+            self.take_head()
+        return seq
+
+    def take_head(self) -> int:
+        """Take the seq :meth:`head` just returned (the caller checked it is not None).
+
+        Raises:
+            UsageError: the head is not sendable (nothing changes then).
+        """
+        if self.head() is None:
+            raise UsageError("outbox: take_head() without a sendable head")
+        seq = self._order.popleft()
+        entry = self._move(seq, _Event.TAKEN)
         self._in_flight += 1
+        self._in_flight_bytes += entry.size
         return seq
 
     def peek_queued(self, limit: int) -> list[int]:
@@ -482,6 +538,7 @@ class OutboxCore:
         """
         entry = self._move(seq, _Event.ACKED)
         self._in_flight -= 1
+        self._in_flight_bytes -= entry.size
         self._counters.acked += 1
         return entry.size
 
@@ -495,9 +552,10 @@ class OutboxCore:
             if self.state(seq) is not EntryState.IN_FLIGHT:
                 raise UsageError(f"outbox entry {seq}: released but not in flight")
         for seq in sorted(seqs, reverse=True):
-            self._move(seq, _Event.RELEASED)
+            entry = self._move(seq, _Event.RELEASED)
             self._order.appendleft(seq)
             self._in_flight -= 1
+            self._in_flight_bytes -= entry.size
 
 
 # -- the SQLite thread -------------------------------------------------------------------------
@@ -524,8 +582,9 @@ class _Request:
     """One loop turn's worth of work for the SQLite thread."""
 
     inserts: list[_Row] = field(default_factory=list)
-    # One per insert, same order: resolves to the message id once the row is committed.
-    accepted: list[asyncio.Future[str]] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # the message id of each insert
+    # Who waits for which inserts: (future, first index, end index, one id or a list of ids).
+    waiters: list[tuple[asyncio.Future[Any], int, int, bool]] = field(default_factory=list)
     deletes: list[int] = field(default_factory=list)
     fetch: list[int] = field(default_factory=list)
     fetch_future: asyncio.Future[_Fetched] | None = None
@@ -744,8 +803,10 @@ class Outbox:
         self._open = False
         self._request = _Request()
         self._flush_scheduled = False
-        # seq → (topic, payload, qos) of messages whose payload is in memory.
-        self._resident: dict[int, tuple[str, bytes, int]] = {}
+        # seq → (topic, payload, message id) of messages whose payload is in memory.
+        self._resident: dict[int, tuple[str, bytes, str]] = {}
+        # Topics already checked (producers reuse a handful; bounded all the same).
+        self._checked_topics: set[str] = set()
         self._resident_bytes = 0
         self._fetching: dict[int, asyncio.Future[dict[int, tuple[str, bytes, int]]]] = {}
         self._available = asyncio.Event()
@@ -842,36 +903,93 @@ class Outbox:
             PayloadTooLargeError: the payload exceeds ``max_payload_bytes``.
             OutboxFullError: full, and the policy is REFUSE.
         """
+        loop = self._check_submit(topic, qos)
+        try:
+            admission = self._core.admit(len(payload))
+        except OutboxFullError as exc:
+            self._refused(topic, exc)
+            raise
+        if admission.dropped:
+            self._dropped(admission.dropped)
+        future: asyncio.Future[str] = loop.create_future()
+        request = self._request
+        index = len(request.inserts)
+        self._stage(request, admission.seq, topic, payload, int(self._clock() * 1000))
+        request.waiters.append((future, index, index + 1, True))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def submit_many(self, topic: str, payloads: Sequence[bytes]) -> asyncio.Future[list[str]]:
+        """Admit several messages to one topic, all or none; one future for all their ids.
+
+        The batch form of :meth:`submit` for producers with many messages at hand: one topic
+        check, one admission decision, one wake-up when they are committed.
+
+        Args:
+            topic: the MQTT topic of every message.
+            payloads: the payloads, in order.
+
+        Returns:
+            A future resolving to the message ids in order, or failing with
+            :class:`StorageError`.
+
+        Raises:
+            OutboxClosedError: the outbox is not open.
+            TopicError: the topic is not publishable.
+            PayloadTooLargeError: a payload exceeds ``max_payload_bytes`` (none is admitted).
+            OutboxFullError: they do not all fit and the policy is REFUSE, or even dropping
+                every queued message would not make room (none is admitted).
+        """
+        loop = self._check_submit(topic, 1)
+        try:
+            admission = self._core.admit_many([len(p) for p in payloads])
+        except OutboxFullError as exc:
+            self._refused(topic, exc)
+            raise
+        if admission.dropped:
+            self._dropped(admission.dropped)
+        future: asyncio.Future[list[str]] = loop.create_future()
+        request = self._request
+        start = len(request.inserts)
+        now_ms = int(self._clock() * 1000)
+        for seq, payload in zip(admission.seqs, payloads, strict=True):
+            self._stage(request, seq, topic, payload, now_ms)
+        request.waiters.append((future, start, len(request.inserts), False))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _check_submit(self, topic: str, qos: int) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if not self._open or loop is None:
             raise OutboxClosedError("the outbox is not open")
         if qos != 1:
             raise UsageError(f"only QoS 1 is supported by the outbox, got {qos}")
-        check_topic(topic)
-        try:
-            admission = self._core.admit(len(payload))
-        except OutboxFullError as exc:
-            _log.warning(
-                "outbox.refused",
-                topic=topic,
-                limit=exc.limit_name,
-                refused_total=self._core.stats().refused,
-            )
-            raise
-        seq = admission.seq
-        if admission.dropped:
-            self._dropped(admission.dropped)
-        accepted: asyncio.Future[str] = loop.create_future()
-        request = self._request
-        request.inserts.append((seq, topic, payload, qos, int(self._clock() * 1000)))
-        request.accepted.append(accepted)
+        if topic not in self._checked_topics:
+            check_topic(topic)
+            if len(self._checked_topics) >= _TOPIC_CACHE:
+                self._checked_topics.clear()
+            self._checked_topics.add(topic)
+        return loop
+
+    def _refused(self, topic: str, exc: OutboxFullError) -> None:
+        _log.warning(
+            "outbox.refused",
+            topic=topic,
+            limit=exc.limit_name,
+            refused_total=self._core.stats().refused,
+        )
+
+    def _stage(self, request: _Request, seq: int, topic: str, payload: bytes, now_ms: int) -> None:
+        message_id = f"{self._uid}-{seq}"
+        request.inserts.append((seq, topic, payload, 1, now_ms))
+        request.ids.append(message_id)
         if self._resident_bytes + len(payload) <= self._limits.resident_bytes:
-            self._resident[seq] = (topic, payload, qos)
+            self._resident[seq] = (topic, payload, message_id)
             self._resident_bytes += len(payload)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return accepted
 
     async def put(self, topic: str, payload: bytes, *, qos: int = 1) -> str:
         """Persist a message; return its id once its row is committed ("accepted").
@@ -896,21 +1014,22 @@ class Outbox:
     def _on_done(self, batch: list[_Request], error: StorageError | None) -> None:
         """A transaction ended (on the loop, called by the SQLite thread)."""
         core = self._core
-        uid = self._uid
         for request in batch:
-            for row, accepted in zip(request.inserts, request.accepted, strict=True):
-                seq = row[0]
-                if error is None:
-                    # A message dropped before its commit was still accepted, then dropped.
-                    core.committed((seq,))
-                    if not accepted.done():
-                        accepted.set_result(f"{uid}-{seq}")
-                else:
-                    # Not durable: forget it rather than send what the producer was told failed.
-                    core.abandon(seq)
-                    self._forget_payload(seq)
-                    if not accepted.done():
-                        accepted.set_exception(error)
+            if error is None:
+                # A message dropped before its commit was still accepted, then dropped.
+                core.committed([row[0] for row in request.inserts])
+                ids = request.ids
+                for future, start, end, single in request.waiters:
+                    if not future.done():
+                        future.set_result(ids[start] if single else ids[start:end])
+            else:
+                # Not durable: forget them rather than send what the producer was told failed.
+                for row in request.inserts:
+                    core.abandon(row[0])
+                    self._forget_payload(row[0])
+                for future, _start, _end, _single in request.waiters:
+                    if not future.done():
+                        future.set_exception(error)
             if request.fetch_future is not None:
                 self._fetched(request)
         if error is not None:
@@ -949,9 +1068,9 @@ class Outbox:
         cached = self._resident.get(seq)
         if cached is None:
             return None
-        core.take()
+        core.take_head()
         self._idle.clear()
-        return StoredMessage(seq, f"{self._uid}-{seq}", cached[0], cached[1], cached[2])
+        return StoredMessage(seq, cached[2], cached[0], cached[1], 1)
 
     async def next_message(self) -> StoredMessage:
         """Wait for the next message to publish (within the in-flight bound) and take it.
@@ -1002,10 +1121,10 @@ class Outbox:
             future.set_exception(result)
             return
         found = result or {}
-        for seq, value in found.items():
+        for seq, (topic, payload, _qos) in found.items():
             if self._core.state(seq) is not EntryState.GONE and seq not in self._resident:
-                self._resident[seq] = value
-                self._resident_bytes += len(value[1])
+                self._resident[seq] = (topic, payload, f"{self._uid}-{seq}")
+                self._resident_bytes += len(payload)
         missing = [
             s
             for s in request.fetch
@@ -1024,11 +1143,16 @@ class Outbox:
         Raises:
             UsageError: ``seq`` is not in flight.
         """
-        self._core.ack(seq)
-        self._forget_payload(seq)
+        core = self._core
+        core.ack(seq)
+        cached = self._resident.pop(seq, None)
+        if cached is not None:
+            self._resident_bytes -= len(cached[1])
         self._request.deletes.append(seq)
-        self._schedule_flush()
-        if self._core.in_flight == 0:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._running_loop().call_soon(self._flush)
+        if core.in_flight == 0:
             self._idle.set()
         # Room in the in-flight window may let a waiting sender go.
         self._available.set()

@@ -46,7 +46,6 @@ from typing import Final, Protocol, Self
 
 import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shared.errors import ConfigError, TransportError, UsageError
@@ -357,11 +356,11 @@ class _MessageIdProperty(Properties):
 
     def __init__(self, prefix: bytes, message_id: str) -> None:
         # Properties.__init__ is skipped on purpose: nothing of it is used (see above).
-        body = prefix + _utf8_field(message_id)
-        # Properties.__setattr__ only admits MQTT property names; these are ours.
-        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        object.__setattr__(self, "_packed", _variable_byte_integer(len(body)) + body)
-        object.__setattr__(self, "_message_id", message_id)
+        raw = message_id.encode()
+        length = len(prefix) + 2 + len(raw)
+        head = bytes((length,)) if length < 128 else _variable_byte_integer(length)
+        # Properties.__setattr__ only admits MQTT property names; this one is ours.
+        object.__setattr__(self, "_packed", head + prefix + len(raw).to_bytes(2, "big") + raw)
 
     def pack(self) -> bytes:
         """The properties as sent on the wire (length, then the user property)."""
@@ -369,7 +368,7 @@ class _MessageIdProperty(Properties):
         return packed
 
     def __str__(self) -> str:
-        return f"[UserProperty: message id {self.__dict__['_message_id']}]"
+        return f"[UserProperty: {self.__dict__['_packed']!r}]"
 
     __repr__ = __str__
 
