@@ -229,6 +229,47 @@ def test_core_drop_oldest_refuses_when_only_in_flight_is_left() -> None:
     assert core.in_flight == 2
 
 
+def test_core_drop_oldest_drops_nothing_when_room_cannot_be_made() -> None:
+    """In flight 700 of 1000 bytes: a 400-byte message cannot fit, so nothing queued is lost."""
+    core = OutboxCore(limits(max_bytes=1000, policy=OverflowPolicy.DROP_OLDEST))
+    big = admitted(core, 400)
+    other = admitted(core, 300)
+    queued = admitted(core, 200)
+    assert core.take() == big
+    assert core.take() == other
+    with pytest.raises(OutboxFullError):
+        core.admit(400)
+    assert core.state(queued) is EntryState.QUEUED
+    assert core.stats().dropped == 0
+    assert core.admit(300).dropped == ((queued, 200),)
+
+
+def test_core_admit_many_is_all_or_none() -> None:
+    core = OutboxCore(limits(max_messages=5, max_bytes=1000))
+    first = core.admit_many([10, 20])
+    assert first.seqs == (1, 2)
+    with pytest.raises(OutboxFullError):
+        core.admit_many([1, 1, 1, 1])
+    assert core.depth == 2
+    assert core.stats().refused == 4
+    with pytest.raises(PayloadTooLargeError):
+        core.admit_many([1, 501])
+    assert core.depth == 2
+    assert core.admit_many([1, 1, 1]).seqs == (3, 4, 5)
+
+
+def test_core_admit_many_drops_what_it_needs() -> None:
+    core = OutboxCore(limits(max_messages=4, policy=OverflowPolicy.DROP_OLDEST))
+    seqs = [admitted(core) for _ in range(4)]
+    core.take()
+    batch = core.admit_many([1, 1])
+    assert [seq for seq, _ in batch.dropped] == seqs[1:3]
+    assert core.depth == 4
+    with pytest.raises(OutboxFullError):
+        core.admit_many([1] * 4)  # one is in flight: four new ones can never fit
+    assert core.depth == 4
+
+
 def test_core_restore_continues_the_sequence_and_keeps_everything() -> None:
     core = OutboxCore(limits(max_messages=2))
     for seq in (4, 7, 9):
@@ -369,6 +410,20 @@ async def test_concurrent_puts_share_commits(tmp_path: Path) -> None:
         assert outbox.transactions < 100, f"{outbox.transactions} commits for 2000 puts"
         sent = await drain(outbox)
         assert [m[2] for m in sent] == list(ids)
+
+
+async def test_submit_many_commits_together_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    async with Outbox(path, limits=OutboxLimits(max_messages=10)) as outbox:
+        ids = await outbox.submit_many("dt/t/x", [b"a", b"b", b"c"])
+        assert [i.rsplit("-", 1)[1] for i in ids] == ["1", "2", "3"]
+        with pytest.raises(OutboxFullError):
+            outbox.submit_many("dt/t/x", [b"x"] * 8)
+        with pytest.raises(TopicError):
+            outbox.submit_many("dt/+/x", [b"x"])
+        assert outbox.stats().depth == 3
+    async with Outbox(path) as outbox:
+        assert [m[1] for m in await drain(outbox)] == [b"a", b"b", b"c"]
 
 
 async def test_refuse_policy_reports_and_keeps_what_it_holds(tmp_path: Path) -> None:
