@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import tomllib
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -277,6 +278,30 @@ def test_table_statements_match_their_modules() -> None:
         assert set(_as_list(statements[sid]["Action"])) == expected, sid
 
 
+# The one switch under which the running daemon may call a setup helper (the sandbox, a first
+# run with administrator credentials); the shipped task definition leaves it off.
+SETUP_SWITCH = "create_tables"
+
+
+def _unguarded_uses(source: str, function: str) -> list[int]:
+    """Lines using ``function`` outside an ``if`` whose test names :data:`SETUP_SWITCH`."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    lines = []
+    for node in ast.walk(tree):
+        name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
+        if name != function or not isinstance(node, ast.Name | ast.Attribute):
+            continue
+        ancestor: ast.AST | None = node
+        while ancestor is not None:
+            if isinstance(ancestor, ast.If) and SETUP_SWITCH in ast.unparse(ancestor.test):
+                break
+            ancestor = parents.get(ancestor)
+        else:
+            lines.append(node.lineno)
+    return lines
+
+
 def test_setup_helpers_exist_and_stay_out_of_the_running_daemon() -> None:
     for function, module in SETUP_ONLY.items():
         tree = ast.parse((CLOUD / module).read_text(encoding="utf-8"))
@@ -285,14 +310,24 @@ def test_setup_helpers_exist_and_stay_out_of_the_running_daemon() -> None:
         for path in _cloud_modules():
             if path.name in (module, "__main__.py"):
                 continue
-            names = {
-                n.id if isinstance(n, ast.Name) else n.attr
-                for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                if isinstance(n, ast.Name | ast.Attribute)
-            }
-            assert function not in names, (
-                f"{path.name} uses {function}: the running daemon would need CreateTable"
+            lines = _unguarded_uses(path.read_text(encoding="utf-8"), function)
+            assert not lines, (
+                f"{path.name}:{lines} uses {function} outside `if ...{SETUP_SWITCH}`: "
+                "the running daemon would need CreateTable"
             )
+
+
+def test_the_setup_guard_is_recognised() -> None:
+    source = textwrap.dedent(
+        """
+        from cloud_daemon.leases import create_lease_table
+        async def start(store, client):
+            if store.create_tables:
+                await create_lease_table(client, "t")
+            await create_lease_table(client, "u")
+        """
+    )
+    assert _unguarded_uses(source, "create_lease_table") == [6]
 
 
 _SAMPLE = """
