@@ -69,6 +69,8 @@ class Result:
     outbox_runs: list[float]
     raw_runs: list[float]
     outbox_commits_per_run: float
+    raw_cpu_us_per_msg: float
+    outbox_cpu_us_per_msg: float
     rss_mib: float
     import_floor_rss_mib: float
     rss_vs_import_floor: float
@@ -222,14 +224,22 @@ async def run(*, count: int, repetitions: int, memory_runs: int) -> Result:
             raw_runs: list[float] = []
             outbox_runs: list[float] = []
             commits: list[int] = []
+            # CPU time of this process (loop and SQLite threads) per message: unlike the rates,
+            # it hardly moves when other processes compete for the two cores.
+            raw_cpu: list[float] = []
+            outbox_cpu: list[float] = []
             # One warm-up of each, not counted: first TLS handshakes, SQLite page cache.
             await _raw_run(broker, cert, min(count, 2000))
             await _outbox_run(broker, pki, cert, min(count, 2000), directory / "warm.db")
             for index in range(repetitions):
+                began = time.process_time()
                 raw_runs.append(await _raw_run(broker, cert, count))
+                raw_cpu.append((time.process_time() - began) / count * 1e6)
+                began = time.process_time()
                 rate, transactions = await _outbox_run(
                     broker, pki, cert, count, directory / f"run{index}.db"
                 )
+                outbox_cpu.append((time.process_time() - began) / count * 1e6)
                 outbox_runs.append(rate)
                 commits.append(transactions)
             rss_runs = [
@@ -249,10 +259,16 @@ async def run(*, count: int, repetitions: int, memory_runs: int) -> Result:
         outbox_runs=[round(r) for r in outbox_runs],
         raw_runs=[round(r) for r in raw_runs],
         outbox_commits_per_run=statistics.median(commits),
+        raw_cpu_us_per_msg=round(statistics.median(raw_cpu), 1),
+        outbox_cpu_us_per_msg=round(statistics.median(outbox_cpu), 1),
         rss_mib=round(rss, 1),
         import_floor_rss_mib=round(floor, 1),
         rss_vs_import_floor=round(rss / floor, 3),
     )
+
+
+def _cpu_pair(result: Result) -> str:
+    return f"{result.raw_cpu_us_per_msg:.0f} / {result.outbox_cpu_us_per_msg:.0f} us"
 
 
 def _table(result: Result) -> str:
@@ -261,6 +277,7 @@ def _table(result: Result) -> str:
         ("outbox + publisher (SQLite FULL, ids)", f"{result.outbox_msgs_per_s:,.0f} msg/s"),
         ("outbox / raw (goal >= 0.8)", f"{result.outbox_vs_raw_aiomqtt:.3f}"),
         ("commits per run (group commit)", f"{result.outbox_commits_per_run:,.0f}"),
+        ("CPU per message, raw / outbox", _cpu_pair(result)),
         ("daemon RSS, steady state", f"{result.rss_mib:.1f} MiB"),
         (
             "python + aiomqtt/cryptography/structlog/sqlite3",

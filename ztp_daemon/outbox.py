@@ -48,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -705,7 +706,7 @@ class _SqliteThread:
                 try:
                     for start in range(0, len(rows), _INSERT_CHUNK):
                         chunk = rows[start : start + _INSERT_CHUNK]
-                        db.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
+                        db.execute(_insert_sql(len(chunk)), list(chain.from_iterable(chunk)))
                     for start in range(0, len(deletes), _DELETE_CHUNK):
                         chunk_d = deletes[start : start + _DELETE_CHUNK]
                         db.execute(_delete_sql(len(chunk_d)), chunk_d)
