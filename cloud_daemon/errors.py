@@ -17,8 +17,28 @@ The classes are split by who is at fault:
   another instance owns the shard now (stop reading it, never checkpoint it again);
   :class:`LeaseTakenError` means an attempt to take a lease lost a race (try another shard).
 
-Botocore exceptions are translated into these once, in the adapters (``consumer.py``,
-``leases.py``), with ``raise ... from exc``. No message carries a secret.
+Issuance (``issuer.py``, ``ledger.py``):
+
+- :class:`IssuanceInProgressError` (a transport error: retry later): another worker holds a
+  fresh intent to issue this certificate; its ``retry_after`` says when it may be taken over.
+- :class:`LedgerConflictError`: a conditional ledger write lost a race (the entry moved).
+
+Delivery (``airvantage.py``):
+
+- :class:`AirVantageApiError` (a peer error), AirVantage answered with an error; its subclasses
+  :class:`AirVantageRateLimitedError` (429, honour ``retry_after``),
+  :class:`AirVantageServerError` (5xx, back off) and :class:`AirVantageAuthError` (our
+  credentials or a fresh token refused).
+- :class:`AirVantageTransportError`: the path to AirVantage failed; retry with backoff.
+- :class:`SystemNotFoundError`: AirVantage knows no system with that serial.
+- :class:`DeliveryFailedError`: a ``ztp.deliver`` operation kept failing or never finished.
+
+The service (``handler.py``) catches :class:`~shared.errors.ZtpError` per record and hands it to
+the consumer as a record failure (retry, then dead letter).
+
+Botocore and aiohttp exceptions are translated into these once, in the adapters
+(``consumer.py``, ``leases.py``, ``issuer.py``, ``airvantage.py``), with ``raise ... from exc``.
+No message carries a secret.
 """
 
 from __future__ import annotations
