@@ -33,7 +33,10 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
+from cloud_daemon.config import ENV_PREFIX as CLOUD_ENV_PREFIX
+from cloud_daemon.config import CloudConfig, StoreKind, load_cloud_config
 from shared import messages
+from shared.config import env_names
 
 ROOT = Path(__file__).resolve().parents[2]
 CLOUD = ROOT / "cloud_daemon"
@@ -412,6 +415,40 @@ def test_task_configuration_and_secrets(container: dict[str, Any]) -> None:
     assert "ZTP_CLOUD_AIRVANTAGE_CLIENT_SECRET" in secrets
     for value_from in secrets.values():
         assert value_from.startswith("arn:aws:secretsmanager:REGION:ACCOUNT_ID:secret:")
+
+
+def _task_environment(container: Mapping[str, Any]) -> dict[str, str]:
+    """The container's environment as the daemon would see it, secrets given dummy values."""
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    env.update({s["name"]: "secret-from-secrets-manager" for s in container["secrets"]})
+    return env
+
+
+def test_task_environment_is_a_valid_cloud_configuration(container: dict[str, Any]) -> None:
+    env = _task_environment(container)
+    known = env_names(CloudConfig, env_prefix=CLOUD_ENV_PREFIX)
+    assert not set(env) - set(known), "names no configuration key reads"
+    config = load_cloud_config(None, env)
+    assert config.store.kind is StoreKind.DYNAMODB, "several tasks share leases and ledger"
+    assert config.store.create_tables is False, "the task role has no CreateTable"
+    # The names the daemon will use are the resources the IAM policy grants.
+    resources = {r for s in load_policy()["Statement"] for r in _as_list(s["Resource"])}
+    expected = {
+        f"arn:aws:kinesis:REGION:ACCOUNT_ID:stream/{config.kinesis.stream}",
+        f"arn:aws:dynamodb:REGION:ACCOUNT_ID:table/{config.store.lease_table}",
+        f"arn:aws:dynamodb:REGION:ACCOUNT_ID:table/{config.store.ledger_table}",
+        f"arn:aws:iot:REGION:ACCOUNT_ID:policy/{config.iot.policy_name}",
+    }
+    assert expected <= resources
+    command = " ".join(container["healthCheck"]["command"])
+    assert f"127.0.0.1:{config.http.port}/healthz" in command
+    assert config.http.host in ("0.0.0.0", "127.0.0.1")  # noqa: S104 - reachable by the probe
+    # Writable despite the read-only root: the store path is the task's volume.
+    (mount,) = container["mountPoints"]
+    assert mount["containerPath"] == str(config.store.path)
+    assert mount["readOnly"] is False
+    assert json.loads(dockerfile_instructions()["VOLUME"][-1]) == [str(config.store.path)]
+    assert config.shutdown_timeout < container["stopTimeout"], "drained before ECS kills it"
 
 
 def test_task_health_check_and_user_match_the_image(container: dict[str, Any]) -> None:
