@@ -303,21 +303,33 @@ async def _live(kinesis: Any, work: Path, stream: str, reader: asyncio.StreamRea
     )
 
 
+def _probe_async_kinesis() -> tuple[str | None, str | None]:
+    """``(version, None)`` when async-kinesis imports, ``(None, reason)`` when it does not."""
+    import importlib
+    import importlib.metadata
+
+    try:
+        importlib.import_module("kinesis")
+    except ImportError as exc:
+        return None, f"async-kinesis does not import: {exc}"
+    try:
+        return importlib.metadata.version("async-kinesis"), None
+    except importlib.metadata.PackageNotFoundError:
+        return None, None
+
+
 async def _child(kind: str, endpoint_url: str, work: Path) -> int:
     import structlog
     from aiobotocore.session import get_session
 
     # stdout is the protocol: logs go to stderr (the parent keeps them in a file).
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    version: str | None = None
     if kind == "async_kinesis":
-        try:
-            import kinesis
-        except ImportError as exc:
-            _emit({"event": "unavailable", "reason": f"async-kinesis does not import: {exc}"})
+        version, unavailable = _probe_async_kinesis()
+        if unavailable is not None:
+            _emit({"event": "unavailable", "reason": unavailable})
             return 0
-        version = getattr(kinesis, "__version__", None)
-    else:
-        version = None
     reader = await _stdin()
     async with get_session().create_client("kinesis", **_client_kwargs(endpoint_url)) as client:
         _emit({"event": "ready", "pid": os.getpid(), "version": version})
@@ -480,8 +492,11 @@ async def _one_run(
 async def _write_live(
     kinesis: Any, stream: str, *, rate: int, seconds: float, tick: float = 0.05
 ) -> dict[str, Any]:
-    """Write ``rate`` records/s for ``seconds``; refused records are re-sent first, never
-    faster than ``rate``."""
+    """Write ``rate`` records/s for ``seconds``, refused records first in the next tick.
+
+    A tick may carry up to twice its share while a backlog of refused records remains, so the
+    shard's own limit, not this writer, decides how much is written each second.
+    """
     loop = asyncio.get_running_loop()
     per_tick = max(1, round(rate * tick))
     total = round(rate * seconds)
@@ -496,7 +511,7 @@ async def _write_live(
         fresh = min(per_tick, total - produced)
         backlog.extend(range(produced, produced + fresh))
         produced += fresh
-        batch = [backlog.popleft() for _ in range(min(per_tick, len(backlog)))]
+        batch = [backlog.popleft() for _ in range(min(2 * per_tick, len(backlog)))]
         if not batch:
             continue
         answer = await kinesis.put_records(
