@@ -811,6 +811,7 @@ class Outbox:
         self._resident_bytes = 0
         self._fetching: dict[int, asyncio.Future[dict[int, tuple[str, bytes, int]]]] = {}
         self._available = asyncio.Event()
+        self._waiting_senders = 0  # set _available on an ack only when someone waits
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -1070,7 +1071,8 @@ class Outbox:
         if cached is None:
             return None
         core.take_head()
-        self._idle.clear()
+        if core.in_flight == 1:  # it was 0: no longer idle
+            self._idle.clear()
         return StoredMessage(seq, cached[2], cached[0], cached[1], 1)
 
     async def next_message(self) -> StoredMessage:
@@ -1091,7 +1093,11 @@ class Outbox:
                 await self._load(head)
                 continue
             self._available.clear()
-            await self._available.wait()
+            self._waiting_senders += 1
+            try:
+                await self._available.wait()
+            finally:
+                self._waiting_senders -= 1
 
     async def _load(self, seqs: list[int]) -> None:
         """Read payloads of queued messages back from SQLite into memory.
@@ -1155,8 +1161,9 @@ class Outbox:
             self._running_loop().call_soon(self._flush)
         if core.in_flight == 0:
             self._idle.set()
-        # Room in the in-flight window may let a waiting sender go.
-        self._available.set()
+        if self._waiting_senders:
+            # Room in the in-flight window may let a waiting sender go.
+            self._available.set()
 
     def release(self, seq: int) -> None:
         """No PUBACK will come for ``seq`` (connection lost): queue it again, at the head.
