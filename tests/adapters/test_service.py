@@ -352,3 +352,26 @@ async def test_dynamodb_stores_created_and_shared(
             assert lease.owner is None
             ledger = await dynamodb.scan(TableName=tables["ZTP_CLOUD_STORE_LEDGER_TABLE"])
             assert ledger["Count"] == 1
+
+
+@pytest.mark.slow
+@module_loop
+async def test_iot_throttles_are_counted_by_api(
+    aws: MotoSandbox, broker: Broker, tmp_path: Path
+) -> None:
+    await aws.configure(iot_throttling=True, iot_tps_per_api={"CreateThing": 1.0})
+    async with Running(aws, broker, tmp_path) as service:
+        await service.start()
+        keys = {new_serial(): ec.generate_private_key(ec.SECP256R1()) for _ in range(3)}
+        devices = [await service.device(serial, key) for serial, key in keys.items()]
+        for device, (serial, key) in zip(devices, keys.items(), strict=True):
+            await device.send(request_points("req-thr", serial, request_csr(key, serial)))
+        await service.wait_metric("ztp_cloud_confirmations_total", 3)
+        _, metrics = await service.get("/metrics")
+    throttled = [
+        line for line in metrics.splitlines()
+        if line.startswith('ztp_cloud_throttles_total{api="CreateThing"}')
+    ]  # fmt: skip
+    assert throttled
+    assert float(throttled[0].rsplit(" ", 1)[1]) >= 1
+    assert "ztp_cloud_issuances_total 3.0" in metrics
