@@ -296,3 +296,32 @@ async def test_ztp_cloud_serves_provisions_and_stops_on_sigterm(
     for secret in (CLIENT_SECRET, DEVICE_PASSWORD, private_pem(key)):
         assert secret not in output
     assert "PRIVATE KEY" not in output
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_missing_stream_ends_ztp_cloud_with_status_2(
+    aws: MotoSandbox, tmp_path: Path
+) -> None:
+    env = base_env(
+        **{**MINIMAL, "ZTP_CLOUD_KINESIS_STREAM": f"missing-{uuid.uuid4().hex[:8]}"},
+        ZTP_CLOUD_AWS_ENDPOINT_URL=aws.endpoint_url,
+        ZTP_CLOUD_AWS_REGION=aws.region,
+        ZTP_CLOUD_AWS_MAX_ATTEMPTS="1",
+        ZTP_CLOUD_STORE_PATH=str(tmp_path / "state"),
+        ZTP_CLOUD_HTTP_HOST="127.0.0.1",
+        ZTP_CLOUD_HTTP_PORT="0",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+    )
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(WAIT):
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 2, stderr.decode()
+    events = [json.loads(line) for line in stdout.decode().splitlines()]
+    [failed] = [e for e in events if e["event"] == "service.failed"]
+    assert failed["error"] == "ResourceNotFoundError"
+    assert "does not exist" in failed["reason"]
+    assert CLIENT_SECRET not in stdout.decode() + stderr.decode()
