@@ -23,14 +23,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 import structlog
 
 from sandbox.errors import SandboxError
-from sandbox.world import DEFAULT_STREAM, Sandbox, SandboxDescription
 from shared.errors import ZtpError
 from shared.logs import configure_logging
+
+if TYPE_CHECKING:
+    from sandbox.world import SandboxDescription
 
 __all__ = [
     "DESCRIPTION_FILE",
@@ -111,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--stream",
-        default=DEFAULT_STREAM,
-        help=f"the Kinesis stream the AirVantage connector writes into (default: {DEFAULT_STREAM})",
+        default=None,
+        help="the Kinesis stream the AirVantage connector writes into (default: ztp-sandbox)",
     )
     up.add_argument(
         "--log-level",
@@ -225,7 +227,7 @@ async def serve_up(
     directory: Path,
     *,
     devices: int,
-    stream: str,
+    stream: str | None = None,
     shutdown: Callable[[], Awaitable[object]],
     announce: Callable[[SandboxDescription], None],
 ) -> None:
@@ -234,7 +236,7 @@ async def serve_up(
     Args:
         directory: the sandbox directory.
         devices: gateways to register at start-up.
-        stream: the Kinesis stream name.
+        stream: the Kinesis stream name (None: the sandbox's default).
         shutdown: awaited once the sandbox runs; the sandbox stops when it returns.
         announce: called with the description once ``DIR/sandbox.json`` is written.
 
@@ -242,9 +244,15 @@ async def serve_up(
         SandboxError: a part of the sandbox did not start or stop.
         ZtpError: another failure of the sandbox's parts.
     """
+    # Imported here: aiobotocore, aiohttp and moto's client side take ~0.5 s to import, which
+    # 'down' and '--help' need not pay.
+    from sandbox.world import DEFAULT_STREAM, Sandbox  # noqa: PLC0415
+
     description_file = directory / DESCRIPTION_FILE
     try:
-        async with Sandbox(directory, devices=devices, stream_name=stream) as sandbox:
+        async with Sandbox(
+            directory, devices=devices, stream_name=stream or DEFAULT_STREAM
+        ) as sandbox:
             description = sandbox.description
             _write_atomic(description_file, json.dumps(description.to_json(), indent=2), 0o600)
             announce(description)

@@ -1,1 +1,59 @@
-"""Suite-wide fixtures. Tier-specific fixtures live beside their tests."""
+"""Suite-wide fixtures. Tier-specific fixtures live beside their tests.
+
+One sandbox per test session (:class:`sandbox.world.Sandbox`: PKI, device broker, IoT broker,
+moto, the Kinesis stream and the AirVantage emulator), started on first use and stopped at the
+end of the run. It runs on an event loop of its own in a background thread
+(:class:`sandbox.world.SandboxThread`), so it does not care which loop each test runs on
+(pytest-asyncio gives every test its own): reach it over the network through
+``sandbox.description``, or run a coroutine on its loop with ``await sandbox.run(fn)`` /
+``sandbox.run_sync(fn)``, where ``fn`` takes the :class:`~sandbox.world.Sandbox`. Never call the
+sandbox's objects (emulator, brokers) directly from a test's loop.
+
+- ``shared_sandbox``: the session's sandbox as it is (no reset).
+- ``sandbox``: the same, reset for this test: moto emptied (knobs back to the start values, CRL
+  empty), the stream made again, emulator faults cleared and held tasks released.
+- ``unique_serial``: a serial no other test uses; ``sandbox_device``: a gateway registered with
+  one (emulator system and device broker account, random password).
+
+Systems, broker accounts and certificates are not removed between tests: tests stay apart by
+using fresh serials and thing names.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from sandbox.world import DeviceCredentials, Sandbox, SandboxThread
+
+
+@pytest.fixture(scope="session")
+def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxThread]:
+    """The session's sandbox (started on first use, stopped after the last test)."""
+    with SandboxThread(tmp_path_factory.mktemp("sandbox")) as running:
+        yield running
+
+
+@pytest.fixture
+def sandbox(shared_sandbox: SandboxThread) -> SandboxThread:
+    """The session's sandbox, reset for this test."""
+    shared_sandbox.run_sync(Sandbox.reset)
+    return shared_sandbox
+
+
+@pytest.fixture
+def unique_serial() -> str:
+    """A serial no other test uses (device account, client id and topic prefix)."""
+    return f"SN{uuid.uuid4().hex[:12].upper()}"
+
+
+@pytest.fixture
+def sandbox_device(sandbox: SandboxThread, unique_serial: str) -> DeviceCredentials:
+    """A gateway registered in the reset sandbox (emulator system and broker account)."""
+
+    async def register(world: Sandbox) -> DeviceCredentials:
+        return await world.register_device(unique_serial)
+
+    return sandbox.run_sync(register)
