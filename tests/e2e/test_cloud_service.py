@@ -293,7 +293,10 @@ async def test_ztp_cloud_serves_provisions_and_stops_on_sigterm(
         [lease] = (await leases.list_leases()).values()
     assert lease.owner is None
     output = "".join(daemon.lines) + stderr
-    for secret in (CLIENT_SECRET, DEVICE_PASSWORD, private_pem(key)):
+    # The tokens the daemon was given: the emulator has no public accessor for them.
+    tokens = list(emulator._ledger.tokens)
+    assert tokens
+    for secret in (CLIENT_SECRET, DEVICE_PASSWORD, private_pem(key), *tokens):
         assert secret not in output
     assert "PRIVATE KEY" not in output
 
