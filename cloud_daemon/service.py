@@ -106,6 +106,8 @@ class _ThrottleCounter:
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
+        if not callable(method):
+            return method
         api = "".join(part.title() for part in name.split("_"))
 
         async def call(**kwargs: Any) -> Any:
