@@ -19,10 +19,11 @@ import pytest
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from sandbox.brokers import IotBroker, write_client_certificate
+from sandbox.brokers import ClientCertificate, IotBroker, write_client_certificate
 from sandbox.pki import SandboxPki
 from shared.errors import ConfigError, TransportError, UsageError
 from tests.adapters import publisher_fixtures as pf
+from ztp_daemon.bundle import BundleStore
 from ztp_daemon.heartbeat import (
     Heartbeat,
     MemoryInfo,
@@ -34,6 +35,7 @@ from ztp_daemon.outbox import Outbox, OutboxLimits, OutboxStats
 from ztp_daemon.publisher import (
     AWS_ALPN_PROTOCOL,
     Backoff,
+    BundleCredentials,
     ClientCredentials,
     ConnectError,
     FileCredentials,
@@ -593,3 +595,68 @@ async def test_sigkill_with_a_backlog_loses_nothing(
         await daemon.kill()
         log.close()
         await asyncio.to_thread(sock.unlink, missing_ok=True)
+
+
+# -- credentials from the bundle store ---------------------------------------------------------
+
+
+def _commit(store: BundleStore, cert: ClientCertificate) -> int:
+    pem = cert.cert_file.read_text()
+    return store.commit(
+        certificate_pem=pem,
+        endpoint="127.0.0.1",
+        certificate_id=f"{cert.serial:064x}",
+        key_pem=cert.key_file.read_bytes(),
+    )
+
+
+def test_bundle_credentials_follow_the_current_bundle(pki: SandboxPki, tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "bundle")
+    source = BundleCredentials(store)
+    assert source.current() is None
+    first = write_client_certificate(pki, "bundle-thing", tmp_path / "a")
+    _commit(store, first)
+    current = source.current()
+    assert current is not None
+    assert current.endpoint == "127.0.0.1"
+    assert current.cert_file.read_bytes() == first.cert_file.read_bytes()
+    assert current.key_file.read_bytes() == first.key_file.read_bytes()
+    second = write_client_certificate(pki, "bundle-thing", tmp_path / "b")
+    _commit(store, second)
+    rotated = source.current()
+    assert rotated is not None
+    assert rotated.version != current.version
+    assert rotated.cert_file.read_bytes() == second.cert_file.read_bytes()
+    keyless = BundleStore(tmp_path / "keyless")
+    keyless.commit(
+        certificate_pem=first.cert_file.read_text(),
+        endpoint="127.0.0.1",
+        certificate_id="ab" * 32,
+        key_reference="pkcs11:object=ztp",
+    )
+    with pytest.raises(UsageError):
+        BundleCredentials(keyless).current()
+
+
+async def test_a_new_bundle_is_picked_up_without_losing_messages(
+    broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    thing = pf.unique_thing_name()
+    store = BundleStore(tmp_path / "bundle")
+    old = write_client_certificate(pki, thing, tmp_path / "old")
+    _commit(store, old)
+    config = pf.fast_config(broker, pki, thing)
+    async with (
+        pf.observe(broker, f"dt/{thing}/#") as observer,
+        Outbox(tmp_path / "outbox.db") as outbox,
+        Publisher(config=config, outbox=outbox, credentials=BundleCredentials(store)) as pub,
+    ):
+        await asyncio.wait_for(pub.wait_connected(), 5)
+        ids = await outbox.submit_many(f"dt/{thing}/x", [b"%d" % i for i in range(200)])
+        await broker.reload_crl([old.serial])
+        _commit(store, write_client_certificate(pki, thing, tmp_path / "new"))
+        await pf.wait_until(lambda: pub.stats().connects >= 2)
+        ids += await outbox.submit_many(f"dt/{thing}/x", [b"n%d" % i for i in range(200)])
+        await observer.wait_for(400)
+    await broker.reload_crl([])
+    assert observer.ids >= set(ids)
