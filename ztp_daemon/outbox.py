@@ -827,8 +827,11 @@ class Outbox:
         """Open (or create) the database and restore what it holds.
 
         Raises:
+            UsageError: entered a second time (an Outbox is opened once).
             StorageError: the database cannot be opened or read.
         """
+        if self._db is not None:
+            raise UsageError("an Outbox is opened once; make a new one to reopen the file")
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._db = _SqliteThread(self._path, self._durability, self._on_done, loop)

@@ -512,6 +512,9 @@ async def test_closing_wakes_waiting_senders(tmp_path: Path) -> None:
         await waiter
     with pytest.raises(OutboxClosedError):
         outbox.submit("dt/t/x", b"")
+    with pytest.raises(UsageError):
+        async with outbox:
+            pass
 
 
 async def test_bad_input_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
