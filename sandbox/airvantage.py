@@ -148,7 +148,7 @@ class ApplicationModel:
 
     Attributes:
         app_type: the application type (unique id of the model).
-        variables: declared data paths (``ztp.csr``); other device data is dropped.
+        variables: declared data paths (``ztp.request``); other device data is dropped.
         settings: declared setting keys a settings operation may write.
         commands: declared commands by id.
     """
@@ -930,8 +930,9 @@ class AirVantageEmulator:
                     aws_access_key_id=self._aws_credentials[0],
                     aws_secret_access_key=self._aws_credentials[1],
                     # One attempt: the connector retries itself, and moto answers 500 for
-                    # what it lacks, which botocore would otherwise retry for ~11 s.
-                    config=AioConfig(retries={"max_attempts": 1}),
+                    # what it lacks, which botocore would otherwise retry for ~11 s
+                    # (total_max_attempts counts the first attempt; max_attempts does not).
+                    config=AioConfig(retries={"total_max_attempts": 1, "mode": "standard"}),
                 )
             )
             group = await stack.enter_async_context(asyncio.TaskGroup())

@@ -31,6 +31,7 @@ from sandbox.airvantage import (
 )
 from sandbox.brokers import DeviceBroker
 from sandbox.pki import SandboxPki
+from shared import messages
 from shared.errors import ConfigError, TransportError, UsageError
 from tests.sandbox.airvantage_fixtures import (
     REGION,
@@ -73,6 +74,21 @@ async def stream(moto_endpoint: str) -> str:
 
 
 Factory = Callable[..., AirVantageEmulator]
+
+#: Setting keys for the tests of settings operations. The shipped model declares none (the
+#: daemons exchange data paths and one command only); these tests use a model of their own.
+SETTING_KEYS = ("/ztp/ztp/endpoint", "/ztp/ztp/cert1")
+
+
+def model_with_settings() -> ApplicationModel:
+    """The shipped model plus :data:`SETTING_KEYS`, for tests of settings operations."""
+    shipped = ApplicationModel.load()
+    return ApplicationModel(
+        app_type=shipped.app_type,
+        variables=shipped.variables,
+        settings=frozenset(SETTING_KEYS),
+        commands=shipped.commands,
+    )
 
 
 @pytest.fixture
@@ -338,10 +354,11 @@ async def test_command_round_trip_success(
     token = await get_token(http, emulator)
     async with device(broker, serial) as gateway:
         before = int(time.time() * 1000)
-        operation = await command(http, emulator, token, [uid], {"fragment": "ztp1:abc", "n": 1})
+        params = {"f01": "ztp1:abc", "f02": "ztp1:def"}
+        operation = await command(http, emulator, token, [uid], params)
         [task] = await next_tasks(gateway)
         assert set(task) == {"uid", "timestamp", "command"}
-        assert task["command"] == {"id": "ztp.deliver", "params": {"fragment": "ztp1:abc", "n": 1}}
+        assert task["command"] == {"id": "ztp.deliver", "params": params}
         assert isinstance(task["timestamp"], int)
         assert task["timestamp"] >= before - 1000
         path = f"/api/v1/operations/{operation}"
@@ -391,7 +408,7 @@ async def test_operation_errors_in_airvantage_shape(
         ({"systems": {"uids": [uid]}, "commandId": "ztp.reboot"}, "command.unknown", "ztp.reboot"),
         ({"systems": {"uids": ["f" * 32]}, "commandId": "ztp.deliver"}, "system.not.found", None),
         ({"systems": {}, "commandId": "ztp.deliver"}, "request.invalid", "systems.uids"),
-        ({"systems": {"uids": [uid]}, "commandId": "ztp.deliver", "parameters": {"a": [1]}},
+        ({"systems": {"uids": [uid]}, "commandId": "ztp.deliver", "parameters": {"f01": [1]}},
          "request.invalid", "parameters"),
     ]  # fmt: skip
     for body, code, parameter in cases:
@@ -411,26 +428,36 @@ async def test_operation_errors_in_airvantage_shape(
 
 
 async def test_command_parameters_checked_when_the_model_declares_them(
-    make_emulator: Factory, http: aiohttp.ClientSession
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
 ) -> None:
-    model = ApplicationModel.from_json(
-        {"type": "t", "commands": [{"id": "ztp.deliver", "parameters": ["fragment"]}]}
-    )
-    async with make_emulator(model=model) as emulator:
-        uid = await emulator.register_system(new_serial(), "device-password")
-        token = await get_token(http, emulator)
-        body = {"systems": {"uids": [uid]}, "commandId": "ztp.deliver", "parameters": {"x": 1}}
+    # The shipped model declares ztp.deliver's parameters f01..f99 and nothing else.
+    uid = await emulator.register_system(new_serial(), "device-password")
+    token = await get_token(http, emulator)
+    for parameters, unknown in (
+        ({"f01": "a", "x": "1"}, ["x"]),
+        ({"f00": "a", "f100": "b", "f99": "c"}, ["f00", "f100"]),
+        ({"fragment": "a"}, ["fragment"]),
+    ):
+        body = {"systems": {"uids": [uid]}, "commandId": "ztp.deliver", "parameters": parameters}
         status, answer, _ = await api(
             http, emulator, "POST", "/api/v1/operations/systems/command", token, body=body
         )
         assert (status, answer["error"], answer["errorParameters"]) == (
             400,
             "command.parameter.unknown",
-            ["x"],
+            unknown,
         )
+    assert emulator.operations() == []
 
 
 async def test_settings_operation_becomes_a_settings_task(
+    make_emulator: Factory, http: aiohttp.ClientSession, broker: Broker
+) -> None:
+    async with make_emulator(model=model_with_settings()) as emulator:
+        await settings_round_trip(emulator, http, broker)
+
+
+async def settings_round_trip(
     emulator: AirVantageEmulator, http: aiohttp.ClientSession, broker: Broker
 ) -> None:
     serial = new_serial()
@@ -467,6 +494,28 @@ async def test_settings_operation_becomes_a_settings_task(
         "setting.unknown",
         ["/ztp/ztp/cert9"],
     )
+
+
+async def test_shipped_model_refuses_every_settings_operation(
+    emulator: AirVantageEmulator, http: aiohttp.ClientSession
+) -> None:
+    uid = await emulator.register_system(new_serial(), "device-password")
+    token = await get_token(http, emulator)
+    for key in (*SETTING_KEYS, "/ztp/ztp/cert6"):
+        status, answer, _ = await api(
+            http,
+            emulator,
+            "POST",
+            "/api/v1/operations/systems/settings",
+            token,
+            body={"systems": {"uids": [uid]}, "settings": [{"key": key, "value": "x"}]},
+        )
+        assert (status, answer["error"], answer["errorParameters"]) == (
+            400,
+            "setting.unknown",
+            [key],
+        )
+    assert emulator.operations() == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,10 +577,10 @@ async def test_each_data_shape_reaches_kinesis_nested_undeclared_dropped(
     serial = new_serial()
     uid = await emulator.register_system(serial, "device-password")
     shapes = [
-        {"ztp.csr": "CSR-A", "other.path": "dropped"},
-        {"1349907137000": {"ztp.csr": "CSR-B", "ztp.nope": 1}},
-        [{"ztp.csr": [{"timestamp": 1416324560869, "value": "CSR-C"}]}],
-        {"undeclared.only": "nothing left"},
+        {"ztp.request": "CSR-A", "other.path": "dropped"},
+        {"1349907137000": {"ztp.request": "CSR-B", "ztp.csr": "the PoC's path: dropped"}},
+        [{"ztp.request": [{"timestamp": 1416324560869, "value": "CSR-C"}]}],
+        {"undeclared.only": "nothing left", "ztp.request_id": "r-1", "ztp.error": "e"},
     ]
     before = int(time.time() * 1000)
     async with device(broker, serial) as gateway:
@@ -551,9 +600,9 @@ async def test_each_data_shape_reaches_kinesis_nested_undeclared_dropped(
     ]
     [stamped] = data[0]
     assert int(stamped) >= before - 1000
-    assert data[0][stamped] == {"ztp.csr": "CSR-A"}
-    assert data[1] == {"1349907137000": {"ztp.csr": "CSR-B"}}
-    assert data[2] == {"1416324560869": {"ztp.csr": "CSR-C"}}
+    assert data[0][stamped] == {"ztp.request": "CSR-A"}
+    assert data[1] == {"1349907137000": {"ztp.request": "CSR-B"}}
+    assert data[2] == {"1416324560869": {"ztp.request": "CSR-C"}}
     assert len({envelope["content"]["message.id"] for _, envelope in records}) == 3
 
 
@@ -565,12 +614,12 @@ async def test_flat_envelopes_and_unknown_senders(
         uid = await emulator.register_system(serial, "device-password")
         async with device(broker, serial) as gateway:
             stranger = new_serial()
-            await gateway.publish(f"{stranger}/messages/json", '{"ztp.csr": "x"}', qos=1)
+            await gateway.publish(f"{stranger}/messages/json", '{"ztp.request": "x"}', qos=1)
             await gateway.publish(f"{serial}/messages/json", b"{not json", qos=1)
             await gateway.publish(f"{serial}/acks/json", '{"uid": "x"}', qos=1)
             series = [
                 {
-                    "ztp.csr": [
+                    "ztp.request": [
                         {"timestamp": 2, "value": "late"},
                         {"timestamp": 1, "value": "early"},
                     ],
@@ -583,7 +632,7 @@ async def test_flat_envelopes_and_unknown_senders(
             {k: v for k, v in envelope["content"].items() if "." in k and not k[0].isdigit()}
             for _, envelope in records
         ]
-        assert [c["ztp.csr"] for c in contents] == ["early", "late"]
+        assert [c["ztp.request"] for c in contents] == ["early", "late"]
         assert contents[0]["ztp.status"] == "requested"
         assert all(key == uid for key, _ in records)
         reasons = dict(emulator.rejected)
@@ -707,16 +756,18 @@ async def test_reordered_task_delivery_across_operations(
     token = await get_token(http, emulator)
     emulator.faults.reorder_tasks = 3
     async with device(broker, serial) as gateway:
-        operations = [await command(http, emulator, token, [uid], {"i": i}) for i in range(2)]
+        operations = [
+            await command(http, emulator, token, [uid], {"f01": str(i)}) for i in range(2)
+        ]
         # Held tasks are not yet delivered: the operations are still SCHEDULED.
         status, body, _ = await api(
             http, emulator, "GET", f"/api/v1/operations/{operations[0]}", token
         )
         assert (status, body["state"]) == (200, "SCHEDULED")
         assert counters(body)["PENDING"] == 1
-        operations.append(await command(http, emulator, token, [uid], {"i": 2}))
-        received = [(await next_tasks(gateway))[0]["command"]["params"]["i"] for _ in range(3)]
-    assert received == [2, 1, 0]
+        operations.append(await command(http, emulator, token, [uid], {"f01": "2"}))
+        received = [(await next_tasks(gateway))[0]["command"]["params"]["f01"] for _ in range(3)]
+    assert received == ["2", "1", "0"]
 
 
 async def test_release_held_tasks(
@@ -727,14 +778,16 @@ async def test_release_held_tasks(
     token = await get_token(http, emulator)
     emulator.faults.reorder_tasks = 5
     async with device(broker, serial) as gateway:
-        operations = [await command(http, emulator, token, [uid], {"i": i}) for i in range(2)]
+        operations = [
+            await command(http, emulator, token, [uid], {"f01": str(i)}) for i in range(2)
+        ]
         assert {emulator.operation(o).state for o in operations} == {OperationState.SCHEDULED}
         async with http.post(
             f"{emulator.api_url}/_emulator/faults", json={"release_held_tasks": True}
         ) as response:
             assert (await response.json())["reorder_tasks"] == 0
-        received = [(await next_tasks(gateway))[0]["command"]["params"]["i"] for _ in range(2)]
-    assert received == [1, 0]
+        received = [(await next_tasks(gateway))[0]["command"]["params"]["f01"] for _ in range(2)]
+    assert received == ["1", "0"]
     assert {emulator.operation(o).state for o in operations} == {OperationState.IN_PROGRESS}
 
 
@@ -746,11 +799,14 @@ async def test_duplicated_connector_records(
     emulator.faults.duplicate_records = 1
     async with device(broker, serial) as gateway:
         for csr in ("one", "two"):
-            await gateway.publish(f"{serial}/messages/json", json.dumps({"ztp.csr": csr}), qos=1)
+            await gateway.publish(
+                f"{serial}/messages/json", json.dumps({"ztp.request": csr}), qos=1
+            )
         records = await stream_envelopes(emulator, moto_endpoint, stream, 3)
     assert records[0] == records[1]
     csrs = [
-        next(v for k, v in r["content"].items() if k[0].isdigit())["ztp.csr"] for _, r in records
+        next(v for k, v in r["content"].items() if k[0].isdigit())["ztp.request"]
+        for _, r in records
     ]
     assert csrs == ["one", "one", "two"]
 
@@ -828,7 +884,7 @@ async def test_round_trip_through_the_sandbox_device_broker_over_tls(
                 tls_context=tls,
             ) as gateway:
                 await gateway.subscribe(f"{serial}/tasks/json", qos=1)
-                operation = await command(http, emulator, token, [uid], {"fragment": "f"})
+                operation = await command(http, emulator, token, [uid], {"f01": "f"})
                 [task] = await next_tasks(gateway)
                 await ack(gateway, serial, [{"uid": task["uid"], "status": "OK"}])
                 await emulator.wait_until(
@@ -885,18 +941,20 @@ async def test_shared_codec_and_emulator_understand_each_other(
 ) -> None:
     from shared import airvantage as wire
 
-    async with make_emulator(envelope_style=style, operation_events=True) as emulator:
+    async with make_emulator(
+        envelope_style=style, operation_events=True, model=model_with_settings()
+    ) as emulator:
         serial = new_serial()
         uid = await emulator.register_system(serial, "device-password")
         token = await get_token(http, emulator)
         sent = [
-            (wire.DataShape.PLAIN, [wire.DataPoint("ztp.csr", "P")]),
-            (wire.DataShape.TIMESTAMPED, [wire.DataPoint("ztp.csr", "T", 1_700_000_000_000)]),
+            (wire.DataShape.PLAIN, [wire.DataPoint("ztp.request", "P")]),
+            (wire.DataShape.TIMESTAMPED, [wire.DataPoint("ztp.request", "T", 1_700_000_000_000)]),
             (
                 wire.DataShape.ARRAY,
                 [
-                    wire.DataPoint("ztp.csr", "A", 1_700_000_000_001),
-                    wire.DataPoint("ztp.request_id", "r-1", 1_700_000_000_001),
+                    wire.DataPoint("ztp.request", "A", 1_700_000_000_001),
+                    wire.DataPoint("ztp.status", "s-1", 1_700_000_000_001),
                     wire.DataPoint("not.declared", 1, 1_700_000_000_001),
                 ],
             ),
@@ -906,13 +964,11 @@ async def test_shared_codec_and_emulator_understand_each_other(
                 payload = wire.encode_device_message(points, shape=shape)
                 await gateway.publish(wire.messages_topic(serial), payload, qos=1)
             await emulator.wait_until(lambda: len(emulator.records_put) == 3)
-            operation = await command(http, emulator, token, [uid], {"fragment": "f", "i": 3})
+            params = {"f01": "f", "f02": "g"}
+            operation = await command(http, emulator, token, [uid], params)
             [task] = wire.parse_tasks(await next_tasks_raw(gateway))
             assert isinstance(task, wire.CommandTask)
-            assert (task.command_id, dict(task.params)) == (
-                "ztp.deliver",
-                {"fragment": "f", "i": 3},
-            )
+            assert (task.command_id, dict(task.params)) == ("ztp.deliver", params)
             await gateway.publish(
                 wire.acks_topic(serial), wire.encode_acks([wire.Ack.ok(task.uid)]), qos=1
             )
@@ -949,13 +1005,13 @@ async def test_shared_codec_and_emulator_understand_each_other(
     values = [{(p.path, p.value, p.timestamp_ms) for p in e.points} for e in incoming]
     if style == "flat":
         # Flat records carry no timestamps of their own.
-        assert values[1] == {("ztp.csr", "T", None)}
-        assert values[2] == {("ztp.csr", "A", None), ("ztp.request_id", "r-1", None)}
+        assert values[1] == {("ztp.request", "T", None)}
+        assert values[2] == {("ztp.request", "A", None), ("ztp.status", "s-1", None)}
     else:
-        assert values[1] == {("ztp.csr", "T", 1_700_000_000_000)}
+        assert values[1] == {("ztp.request", "T", 1_700_000_000_000)}
         assert values[2] == {
-            ("ztp.csr", "A", 1_700_000_000_001),
-            ("ztp.request_id", "r-1", 1_700_000_000_001),
+            ("ztp.request", "A", 1_700_000_000_001),
+            ("ztp.status", "s-1", 1_700_000_000_001),
         }
     assert [(c.operation_uid, c.new_state) for c in changes if c.operation_uid == operation] == [
         (operation, "IN_PROGRESS"),
@@ -1041,11 +1097,16 @@ async def test_reordered_task_delivery_within_one_operation(
 # The application model and the knobs, without peers
 
 
-def test_shipped_model_declares_what_the_daemons_use() -> None:
+def test_shipped_model_declares_exactly_what_the_daemons_exchange() -> None:
     model = ApplicationModel.load()
-    assert "ztp.csr" in model.variables
-    assert "ztp.deliver" in model.commands
-    assert {"/ztp/ztp/endpoint", "/ztp/ztp/cert1"} <= model.settings
+    assert model.variables == {messages.REQUEST_PATH, messages.STATUS_PATH}
+    assert model.settings == frozenset()
+    assert set(model.commands) == {messages.DELIVER_COMMAND}
+    count = messages.MAX_DELIVERY_FRAGMENTS
+    assert model.commands[messages.DELIVER_COMMAND].parameters == {
+        f"f{i:02d}" for i in range(1, count + 1)
+    }
+    assert model.app_type == "io.ztp.gateway"
 
 
 @pytest.mark.parametrize(
