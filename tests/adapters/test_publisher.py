@@ -392,7 +392,7 @@ async def test_publish_rate_is_per_connection(
         began = time.monotonic()
         await pf.wait_until(lambda: pub.stats().published >= 300)
         elapsed = time.monotonic() - began
-    assert 1.3 < elapsed < 3.0, elapsed
+    assert 1.3 < elapsed < 5.0, elapsed
 
 
 async def test_shutdown_while_disconnected_is_prompt(
