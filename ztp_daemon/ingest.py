@@ -237,11 +237,14 @@ def parse_request(line: bytes, allowed_prefixes: Iterable[str]) -> IngestRequest
     if not any(topic.startswith(p) and len(topic) > len(p) for p in prefixes):
         raise TopicForbiddenError("topic", f"a topic under {' or '.join(prefixes)}", topic)
     payload = request["payload"]
-    data = (
-        payload.encode()
-        if isinstance(payload, str)
-        else json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    )
+    try:
+        data = (
+            payload.encode()
+            if isinstance(payload, str)
+            else json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        )
+    except UnicodeEncodeError:
+        raise RequestError("payload", "valid UTF-8 text", "a lone surrogate") from None
     return IngestRequest(topic, data)
 
 
@@ -387,6 +390,12 @@ class IngestServer:
                 group.create_task(self._reply(writer, pending), name="ingest.reply")
         except* ConnectionError:
             pass  # the peer went away: nothing to answer
+        except* Exception as group:  # noqa: BLE001 - one connection must not take the socket down
+            self._log.error(
+                "ingest.connection_failed",
+                error=repr(group.exceptions[0]),
+                errors=len(group.exceptions),
+            )
         finally:
             self._connections -= 1
             writer.close()

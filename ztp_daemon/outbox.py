@@ -235,13 +235,18 @@ def check_topic(topic: str) -> None:
         topic: the topic name.
 
     Raises:
-        TopicError: empty, wildcards, NUL, more than 256 UTF-8 bytes or more than 7 slashes.
+        TopicError: empty, wildcards, NUL, not UTF-8, more than 256 UTF-8 bytes or more than 7
+            slashes.
     """
     if not topic:
         raise TopicError("topic", "a non-empty topic", topic)
     if "+" in topic or "#" in topic or "\x00" in topic:
         raise TopicError("topic", "no wildcards (+, #) and no NUL", topic)
-    if len(topic.encode()) > _AWS_MAX_TOPIC_BYTES:
+    try:
+        encoded = topic.encode()
+    except UnicodeEncodeError:
+        raise TopicError("topic", "valid UTF-8 (no lone surrogates)", topic) from None
+    if len(encoded) > _AWS_MAX_TOPIC_BYTES:
         raise TopicError("topic", f"at most {_AWS_MAX_TOPIC_BYTES} UTF-8 bytes", topic)
     if topic.count("/") > _AWS_MAX_TOPIC_SLASHES:
         raise TopicError("topic", f"at most {_AWS_MAX_TOPIC_SLASHES} '/' separators", topic)

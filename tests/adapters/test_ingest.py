@@ -119,6 +119,9 @@ def test_qos_defaults_to_one() -> None:
         (b'{"topic": "dt/gw-42/", "payload": 1}', TopicForbiddenError, "topic_forbidden"),
         (b'{"topic": "dt/gw-420/x", "payload": 1}', TopicForbiddenError, "topic_forbidden"),
         (b'{"topic": "cmd/gw-42/x", "payload": 1}', TopicForbiddenError, "topic_forbidden"),
+        (b'{"topic": "dt/gw-42/\\ud800", "payload": 1}', TopicError, "topic_invalid"),
+        (b'{"topic": "dt/gw-42/x", "payload": "\\ud800"}', RequestError, "bad_request"),
+        (b'{"topic": "dt/gw-42/x", "payload": ["\\udfff"]}', RequestError, "bad_request"),
     ],
 )
 def test_bad_requests_raise_and_map_to_stable_codes(
@@ -235,6 +238,7 @@ async def test_replies_in_order_and_bad_lines_do_not_break_anything(
             b"y" * 10_000,
             b"",
             request(topic="dt/gw-42/#"),
+            b'{"topic": "dt/gw-42/x", "payload": "\\ud800"}',
             request(payload={"second": 2}),
         )
         assert [r.get("error", "ok") for r in replies] == [
@@ -245,6 +249,7 @@ async def test_replies_in_order_and_bad_lines_do_not_break_anything(
             "line_too_long",
             "bad_request",
             "topic_invalid",
+            "bad_request",
             "ok",
         ]
         assert replies[0]["ok"] is True
