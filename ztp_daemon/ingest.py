@@ -217,7 +217,7 @@ def parse_request(line: bytes, allowed_prefixes: Iterable[str]) -> IngestRequest
     """
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise _MalformedJsonError("line", "one JSON object", line[:40]) from exc
     if not isinstance(request, dict):
         raise RequestError("line", "a JSON object", type(request).__name__)

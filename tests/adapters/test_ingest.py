@@ -106,6 +106,7 @@ def test_qos_defaults_to_one() -> None:
         (b"not json", RequestError, "malformed_json"),
         (b'{"topic": "dt/gw-42/x", "payload": 1', RequestError, "malformed_json"),
         (b"\xff\xfe", RequestError, "malformed_json"),
+        (b"[" * 100_000 + b"]" * 100_000, RequestError, "malformed_json"),
         (b"[1, 2]", RequestError, "bad_request"),
         (b'{"payload": 1}', RequestError, "bad_request"),
         (b'{"topic": 7, "payload": 1}', RequestError, "bad_request"),
