@@ -27,6 +27,11 @@ the publisher speaks MQTT 3.1.1 and sends payloads only.
 Shutdown (``__aexit__``) stops taking messages, waits up to ``drain_timeout`` for the PUBACKs of
 those in flight, then disconnects; anything still unacked stays in the outbox for the next start.
 
+Failures: anything that ends a connection (refused, TLS, CONNACK, a dropped socket, a ping
+timeout) is logged with its reason and retried; a failure of the outbox itself (a
+:class:`~ztp_daemon.errors.StorageError` reading payloads back) is not retried here: it ends the
+publisher's TaskGroup and reaches whoever entered the publisher.
+
 aiomqtt's exceptions are translated here and nowhere else; they never leave this module.
 """
 
