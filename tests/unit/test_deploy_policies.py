@@ -35,6 +35,7 @@ from botocore.validate import ParamValidator
 
 from cloud_daemon.config import ENV_PREFIX as CLOUD_ENV_PREFIX
 from cloud_daemon.config import CloudConfig, StoreKind, load_cloud_config
+from sandbox.airvantage import ApplicationModel
 from shared import messages
 from shared.config import env_names
 
@@ -725,3 +726,12 @@ def test_operations_guide_creates_the_tables_the_code_expects(
     assert _documented_table(guide, table) == _create_table_schema(module, function)
     resources = {r for s in load_policy()["Statement"] for r in _as_list(s["Resource"])}
     assert f"arn:aws:dynamodb:REGION:ACCOUNT_ID:table/{table}" in resources
+
+
+def test_sandbox_model_declares_exactly_what_the_daemons_exchange() -> None:
+    model = ApplicationModel.load()
+    assert model.variables == {messages.REQUEST_PATH, messages.STATUS_PATH}
+    assert model.settings == frozenset(), "the daemons never use AirVantage settings"
+    assert set(model.commands) == {messages.DELIVER_COMMAND}
+    expected = {f"f{i:02d}" for i in range(1, messages.MAX_DELIVERY_FRAGMENTS + 1)}
+    assert model.commands[messages.DELIVER_COMMAND].parameters == expected
