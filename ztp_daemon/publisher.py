@@ -515,10 +515,12 @@ class Publisher:
                 port=self._config.port,
                 credentials=credentials.version,
             )
+            connects = self._connects
             try:
                 reason = await self._connect_and_serve(credentials, host)
             except ConnectError as exc:
-                failures += 1
+                # A connection that came up resets the backoff: this loss is failure 1.
+                failures = 1 if self._connects > connects else failures + 1
                 self._failed(exc.reason, failures)
                 continue
             failures = 0

@@ -288,6 +288,30 @@ async def test_reconnects_are_paced_and_logged_with_reasons(
     assert all("refused" in e["reason"].lower() for e in failures), failures
 
 
+@pytest.mark.slow
+async def test_backoff_starts_over_after_a_good_connection(
+    own_broker: IotBroker, pki: SandboxPki, tmp_path: Path
+) -> None:
+    thing = pf.unique_thing_name()
+    cert = write_client_certificate(pki, thing, tmp_path)
+    config = pf.fast_config(own_broker, pki, thing)
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            Outbox(tmp_path / "outbox.db") as outbox,
+            Publisher(config=config, outbox=outbox, credentials=pf.credentials_for(cert)) as pub,
+        ):
+            for round_ in (1, 2):
+                await asyncio.wait_for(pub.wait_connected(), 10)
+                await own_broker.stop()
+                target = 2 * round_ + 1  # the lost connection's attempt, then one refused
+                await pf.wait_until(lambda target=target: pub.stats().attempts >= target)
+                await own_broker.start()
+    failures = [e["attempt"] for e in logs if e["event"] == "publisher.connect_failed"]
+    # Each loss counts from 1 again: [1 (lost), 2 (refused)], then [1 (lost), 2 (refused)].
+    assert failures[:2] == [1, 2]
+    assert failures.count(1) == 2, failures
+
+
 async def test_refused_certificate_is_retried_with_the_reason(
     broker: IotBroker, pki: SandboxPki, tmp_path: Path
 ) -> None:
