@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import itertools
 import json
 import random
@@ -288,6 +289,10 @@ async def test_reconnects_are_paced_and_logged_with_reasons(
     assert all("refused" in e["reason"].lower() for e in failures), failures
 
 
+def _attempts_at_least(publisher: Publisher, count: int) -> bool:
+    return publisher.stats().attempts >= count
+
+
 @pytest.mark.slow
 async def test_backoff_starts_over_after_a_good_connection(
     own_broker: IotBroker, pki: SandboxPki, tmp_path: Path
@@ -303,8 +308,8 @@ async def test_backoff_starts_over_after_a_good_connection(
             for round_ in (1, 2):
                 await asyncio.wait_for(pub.wait_connected(), 10)
                 await own_broker.stop()
-                target = 2 * round_ + 1  # the lost connection's attempt, then one refused
-                await pf.wait_until(lambda target=target: pub.stats().attempts >= target)
+                # The lost connection's attempt, then one refused attempt.
+                await pf.wait_until(functools.partial(_attempts_at_least, pub, 2 * round_ + 1))
                 await own_broker.start()
     failures = [e["attempt"] for e in logs if e["event"] == "publisher.connect_failed"]
     # Each loss counts from 1 again: [1 (lost), 2 (refused)], then [1 (lost), 2 (refused)].
