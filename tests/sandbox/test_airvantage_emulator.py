@@ -31,6 +31,7 @@ from sandbox.airvantage import (
 )
 from sandbox.brokers import DeviceBroker
 from sandbox.pki import SandboxPki
+from sandbox.world import SandboxThread
 from shared import messages
 from shared.errors import ConfigError, TransportError, UsageError
 from tests.sandbox.airvantage_fixtures import (
@@ -39,7 +40,6 @@ from tests.sandbox.airvantage_fixtures import (
     create_stream,
     read_stream,
     run_mosquitto,
-    run_moto,
 )
 
 CLIENT_ID = "ztp-cloud"
@@ -60,10 +60,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with run_moto() as endpoint:
-        yield endpoint
+@pytest.fixture
+def moto_endpoint(sandbox: SandboxThread) -> str:
+    """The session sandbox's moto server, reset for the test (each test makes its stream)."""
+    return sandbox.description.aws_endpoint_url
 
 
 @pytest.fixture
@@ -882,6 +882,7 @@ async def test_round_trip_through_the_sandbox_device_broker_over_tls(
                 username=serial,
                 password="tls-device-password",
                 tls_context=tls,
+                socket_options=NODELAY,
             ) as gateway:
                 await gateway.subscribe(f"{serial}/tasks/json", qos=1)
                 operation = await command(http, emulator, token, [uid], {"f01": "f"})
