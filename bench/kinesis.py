@@ -26,7 +26,14 @@ nor this process's is counted. A child times each run itself, from the command t
 record handled, and reports the CPU it used in that window (``resource.getrusage``, all its
 threads): set-up and teardown are outside the window for every contender alike. Figures are
 medians; a ratio is the median of round-by-round ratios (the runs of one round are adjacent in
-time, so load from elsewhere on the machine moves both sides alike).
+time, so load from elsewhere on the machine moves both sides alike). The best run of each is
+reported beside the median: on a shared machine it is the least disturbed one. The "whole run"
+CPU column is read by this process from ``/proc/<pid>/stat`` around each run command, set-up
+and teardown included, as a cross-check of the children's own figure.
+
+The sandbox computes MillisBehindLatest as AWS does, from the newest record's arrival minus the
+last returned record's: it stays 0 while every call drains the shard, so the end-to-end lag
+(handling time minus arrival of each batch's last record) is reported beside it.
 
 async-kinesis is a benchmark baseline, not a project dependency: when it does not import, its
 figures are ``null`` with the reason.
