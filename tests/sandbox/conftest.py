@@ -3,8 +3,13 @@
 The brokers are session-scoped (one mosquitto each for the whole run) and started from a sync
 fixture on a private event loop: a broker is not tied to the loop that started it, so tests drive
 it from their own loops. Tests keep each other out of the way by using fresh identities: a new
-serial (``unique_serial``) or a new thing certificate (``client_certificate``) per test. A test
-that stops, restarts or breaks a broker makes its own instead of using the shared ones.
+serial (``unique_serial``, from ``tests/conftest.py``) or a new thing certificate
+(``client_certificate``) per test. A test that stops, restarts or breaks a broker makes its own
+instead of using the shared ones.
+
+The whole sandbox (``shared_sandbox`` / ``sandbox`` in ``tests/conftest.py``) has brokers of its
+own: these stay apart because the broker tests rewrite the CRL and the password file at will,
+which the sandbox's moto server and emulator also write.
 """
 
 from __future__ import annotations
@@ -62,12 +67,6 @@ def iot_broker(
         yield broker
     finally:
         run_on_private_loop(broker.stop())
-
-
-@pytest.fixture
-def unique_serial() -> str:
-    """A serial no other test uses (device account, client id and topic prefix)."""
-    return f"SN{uuid.uuid4().hex[:12].upper()}"
 
 
 @pytest.fixture
