@@ -167,6 +167,13 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="seconds before the run gives up on the gateways (default: 120)",
     )
     demo.add_argument(
+        "--crash",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="SIGKILL K gateways once mid-provisioning and start them again (default: 0)",
+    )
+    demo.add_argument(
         "--dir",
         type=Path,
         default=None,
@@ -380,11 +387,28 @@ def _recorded_children(directory: Path) -> list[int]:
     return [int(pid) for name, pid in pids.items() if name != "sandbox"]
 
 
+def _kill_leftovers(directory: Path) -> int:
+    """SIGKILL the recorded children of ``directory`` still alive; return how many there were.
+
+    Only a process whose command line names the directory is killed: a recorded pid may have
+    been reused by an unrelated process since.
+    """
+    killed = 0
+    for child in _recorded_children(directory):
+        if str(directory) in _command_line(child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+                killed += 1
+    return killed
+
+
 def down(directory: Path, *, timeout: float = _DOWN_TIMEOUT, err: TextIO = sys.stderr) -> int:
     """Stop the sandbox running in ``directory``: SIGTERM, then wait until it has exited.
 
     If it has not exited after ``timeout`` seconds, it and the child processes its description
-    records (those whose command line names ``directory``) are killed.
+    records (those whose command line names ``directory``) are killed. If the ``up`` process is
+    already gone (killed with SIGKILL, it could not stop its children), the children it leaves
+    behind are killed and its files removed.
 
     Args:
         directory: the sandbox directory given to ``up``.
@@ -392,15 +416,20 @@ def down(directory: Path, *, timeout: float = _DOWN_TIMEOUT, err: TextIO = sys.s
         err: where to report.
 
     Returns:
-        0 when the sandbox stopped (or none was running), 1 when it had to be killed.
+        0 when the sandbox stopped (or none was running), 1 when something had to be killed.
     """
     directory = directory.absolute()
     pid_file = directory / PID_FILE
     pid = _read_pid(pid_file)
     if pid is None or not _is_sandbox(pid):
+        leftovers = _kill_leftovers(directory)
+        pid_file.unlink(missing_ok=True)
+        (directory / DESCRIPTION_FILE).unlink(missing_ok=True)
+        if leftovers:
+            print(f"ztp-sandbox: killed {leftovers} process(es) left in {directory}", file=err)
+            return EXIT_FAILED
         print(f"ztp-sandbox: no sandbox running in {directory}", file=err)
         return EXIT_OK
-    children = _recorded_children(directory)
     began = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -411,11 +440,9 @@ def down(directory: Path, *, timeout: float = _DOWN_TIMEOUT, err: TextIO = sys.s
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     _wait_gone(pid, _KILL_WAIT)
-    for child in children:
-        if str(directory) in _command_line(child):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+    _kill_leftovers(directory)
     pid_file.unlink(missing_ok=True)
+    (directory / DESCRIPTION_FILE).unlink(missing_ok=True)
     return EXIT_FAILED
 
 
@@ -442,7 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sandbox.demo import demo_main  # noqa: PLC0415
 
             return demo_main(
-                devices=args.devices, as_json=args.json, timeout=args.timeout, directory=args.dir
+                devices=args.devices,
+                as_json=args.json,
+                timeout=args.timeout,
+                directory=args.dir,
+                crash=args.crash,
             )
         case _:  # pragma: no cover - argparse allows only the commands above
             return EXIT_USAGE

@@ -86,6 +86,7 @@ _CLOUD_READY_TIMEOUT: Final = 30.0
 _STOP_TIMEOUT: Final = 10.0
 _TELEMETRY: Final = "demo"
 _PROVISIONED: Final = "provisioned"
+_CRASH_STATES: Final = frozenset({"key_ready", "request_sent"})
 
 _log = structlog.get_logger()
 
@@ -106,6 +107,10 @@ class DemoOptions:
         keep: keep the working directory after a run that succeeded (a failed run's is always
             kept, for its logs).
         tick: seconds between progress reports.
+        crash: how many gateways get SIGKILLed once mid-provisioning (the first time they are
+            seen in ``key_ready`` or ``request_sent``) and are started again, to show that they
+            resume with the same key and request and that the cloud issues no second
+            certificate.
     """
 
     devices: int = DEFAULT_DEVICES
@@ -114,6 +119,7 @@ class DemoOptions:
     directory: Path | None = None
     keep: bool = True
     tick: float = 0.25
+    crash: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= 1000:
@@ -121,6 +127,9 @@ class DemoOptions:
             raise SandboxUsageError(msg)
         if not 0 <= self.messages <= 1000:
             msg = f"messages must be in 0..1000, got {self.messages}"
+            raise SandboxUsageError(msg)
+        if not 0 <= self.crash <= self.devices:
+            msg = f"crash must be in 0..devices ({self.devices}), got {self.crash}"
             raise SandboxUsageError(msg)
         if not (self.timeout > 0 and self.tick > 0):
             msg = "timeout and tick must be positive"
@@ -138,9 +147,12 @@ class GatewayProgress:
         last_error: the reason of its last failed delivery, if any.
         fragments_sent: certificate fragments the AirVantage emulator sent it (tasks, once each).
         fragments_acked: of those, the ones in tasks it acknowledged OK.
-        messages: messages from it counted at the IoT broker.
+        messages: messages from it counted at the IoT broker (any ``dt/<serial>/...`` topic:
+            its queued readings, QoS 1 repeats and its heartbeats included).
+        readings: distinct queued readings of it that reached the IoT broker.
         provisioned_after: seconds from its process start to its ``provisioned`` record.
         exit_code: its daemon's exit status, once it has exited.
+        restarts: how many times the demo SIGKILLed and restarted its daemon.
     """
 
     serial: str
@@ -150,8 +162,10 @@ class GatewayProgress:
     fragments_sent: int = 0
     fragments_acked: int = 0
     messages: int = 0
+    readings: int = 0
     provisioned_after: float | None = None
     exit_code: int | None = None
+    restarts: int = 0
 
     @property
     def provisioned(self) -> bool:
@@ -182,12 +196,14 @@ class DemoSummary:
         duplicate_certificates: active certificates beyond one per provisioned gateway.
         messages_received: messages counted at the IoT broker on the gateways' topics.
         messages_expected: readings queued in all outboxes.
+        readings_received: distinct queued readings that reached the IoT broker.
         wall_seconds: from the first gateway's start to the end of the run.
         provision_p50_seconds: median provisioning latency (None: nothing provisioned).
         provision_p99_seconds: 99th percentile provisioning latency.
         failures: every gateway that failed, with why.
         directory: the working directory (logs, state).
         interrupted: the run was stopped from outside (Ctrl-C) before it ended.
+        restarted: gateways SIGKILLed mid-provisioning and started again.
     """
 
     devices: int
@@ -196,12 +212,14 @@ class DemoSummary:
     duplicate_certificates: int
     messages_received: int
     messages_expected: int
+    readings_received: int
     wall_seconds: float
     provision_p50_seconds: float | None
     provision_p99_seconds: float | None
     failures: tuple[GatewayFailure, ...]
     directory: Path
     interrupted: bool = False
+    restarted: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -221,11 +239,13 @@ class DemoSummary:
             "duplicate_certificates": self.duplicate_certificates,
             "messages_received": self.messages_received,
             "messages_expected": self.messages_expected,
+            "readings_received": self.readings_received,
             "wall_seconds": round(self.wall_seconds, 3),
             "provision_p50_seconds": seconds(self.provision_p50_seconds),
             "provision_p99_seconds": seconds(self.provision_p99_seconds),
             "failures": [failure.to_json() for failure in self.failures],
             "interrupted": self.interrupted,
+            "restarted": list(self.restarted),
             "directory": str(self.directory),
         }
 
@@ -280,8 +300,8 @@ def failures_of(
             if gateway.last_error:
                 details.append(f"last error: {gateway.last_error}")
             reason += f" ({', '.join(details)})"
-        elif gateway.messages < messages:
-            reason = f"provisioned, but {gateway.messages}/{messages} readings reached IoT"
+        elif gateway.readings < messages:
+            reason = f"provisioned, but {gateway.readings}/{messages} readings reached IoT"
             if gateway.exit_code is not None:
                 reason += f"; ztp-daemon exited with status {gateway.exit_code}"
         elif gateway.exit_code is not None:
@@ -338,12 +358,14 @@ def summarize(
         duplicate_certificates=max(0, active_certificates - holders),
         messages_received=sum(g.messages for g in progress),
         messages_expected=messages * len(progress),
+        readings_received=sum(g.readings for g in progress),
         wall_seconds=wall_seconds,
         provision_p50_seconds=percentile(latencies, 0.5),
         provision_p99_seconds=percentile(latencies, 0.99),
         failures=tuple(failures),
         directory=directory,
         interrupted=interrupted,
+        restarted=tuple(g.serial for g in progress if g.restarts),
     )
 
 
@@ -362,24 +384,28 @@ def render_progress(
         The text, without a trailing newline.
     """
     done = sum(g.provisioned for g in progress)
-    received = sum(g.messages for g in progress)
+    received = sum(g.readings for g in progress)
     lines = [
         f"elapsed {elapsed:6.1f} s   provisioned {done}/{len(progress)}   "
-        f"messages at IoT {received}/{messages * len(progress)}",
+        f"readings at IoT {received}/{messages * len(progress)}",
         f"  {'gateway':<16} {'state':<14} {'fragments':>9}  {'publishing':<10}",
     ]
     for gateway in progress[:rows]:
         fragments = (
             f"{gateway.fragments_acked}/{gateway.fragments_sent}" if gateway.fragments_sent else "-"
         )
-        publishing = f"{gateway.messages}/{messages}" if gateway.provisioned else "-"
+        publishing = (
+            f"{gateway.readings}/{messages} ({gateway.messages} msgs)"
+            if gateway.provisioned
+            else "-"
+        )
         state = gateway.state if gateway.exit_code is None else f"exited {gateway.exit_code}"
         lines.append(f"  {gateway.serial:<16} {state:<14} {fragments:>9}  {publishing:<10}")
     if len(progress) > rows:
         rest = progress[rows:]
         lines.append(
             f"  ... {len(rest)} more: {sum(g.provisioned for g in rest)} provisioned, "
-            f"{sum(g.messages for g in rest)} messages"
+            f"{sum(g.readings for g in rest)} readings"
         )
     return "\n".join(lines)
 
@@ -404,10 +430,12 @@ def render_summary(summary: DemoSummary) -> str:
         f"  active certificates in IoT   {summary.active_certificates}"
         f" ({summary.duplicate_certificates} duplicates)",
         f"  messages received at IoT     {summary.messages_received}"
-        f" of {summary.messages_expected} queued",
+        f" ({summary.readings_received} of {summary.messages_expected} queued readings)",
         f"  provisioning latency         p50 {seconds(summary.provision_p50_seconds)}"
         f"   p99 {seconds(summary.provision_p99_seconds)}",
     ]
+    if summary.restarted:
+        lines.append(f"  SIGKILLed mid-provisioning and restarted: {', '.join(summary.restarted)}")
     if summary.failures:
         lines.append(f"  failed gateways ({len(summary.failures)}):")
         lines += [f"    {failure.serial}: {failure.reason}" for failure in summary.failures]
@@ -594,6 +622,7 @@ class _Gateway:
     # Set when the demo stops the daemon: its exit from then on is ours, not a failure.
     stopped: bool = False
     exit_before_stop: int | None = None
+    restarts: int = 0
 
     @property
     def exit_code(self) -> int | None:
@@ -691,7 +720,11 @@ async def _spawn_gateway(gateway: _Gateway) -> None:
             stderr=log,
             env=_child_env({}),
         )
+    first = gateway.child
     gateway.child = _Child(f"ztp-daemon.{gateway.serial}", process)
+    if first is not None:
+        # Latency counts from the gateway's first start, restarts included.
+        gateway.child.started = first.started
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,12 +732,13 @@ async def _spawn_gateway(gateway: _Gateway) -> None:
 
 
 class _Observer:
-    """Counts the messages on ``dt/<thing>/...`` at the IoT broker, per thing."""
+    """Counts the messages on ``dt/<thing>/...`` at the IoT broker, and the distinct readings."""
 
     def __init__(self, address: BrokerAddress, certificate: ClientCertificate) -> None:
         self._address = address
         self._certificate = certificate
         self.counts: Counter[str] = Counter()
+        self.readings: dict[str, set[int]] = {}
         self._subscribed = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
@@ -740,9 +774,23 @@ class _Observer:
                     parts = message.topic.value.split("/")
                     if len(parts) >= 3:
                         self.counts[parts[1]] += 1
+                    if len(parts) == 3 and parts[2] == _TELEMETRY:
+                        self._reading(parts[1], message.payload)
         except aiomqtt.MqttError as exc:
             msg = f"the IoT broker observer lost its connection: {exc}"
             raise TransportError(msg) from exc
+
+    def _reading(self, serial: str, payload: object) -> None:
+        # QoS 1 may repeat a reading (a crash between PUBACK and the row's delete): count each
+        # reading once, by the number the demo gave it.
+        if not isinstance(payload, bytes | bytearray):
+            return
+        try:
+            reading = json.loads(payload)["reading"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(reading, int):
+            self.readings.setdefault(serial, set()).add(reading)
 
     async def __aexit__(
         self,
@@ -825,8 +873,10 @@ async def _snapshot(
                 fragments_sent=sent[gateway.serial],
                 fragments_acked=acked[gateway.serial],
                 messages=observer.counts[gateway.serial],
+                readings=len(observer.readings.get(gateway.serial, ())),
                 provisioned_after=gateway.provisioned_after,
                 exit_code=gateway.exit_code,
+                restarts=gateway.restarts,
             )
         )
     return progress
@@ -907,6 +957,83 @@ async def run_demo(
     return summary
 
 
+class _Fleet:
+    """The gateways' daemons during one run: start, watch, crash on purpose, stop."""
+
+    def __init__(
+        self,
+        gateways: Sequence[_Gateway],
+        *,
+        sandbox: Sandbox,
+        observer: _Observer,
+        options: DemoOptions,
+        on_progress: Callable[[Sequence[GatewayProgress], float], None] | None,
+    ) -> None:
+        self.gateways = list(gateways)
+        self._sandbox = sandbox
+        self._observer = observer
+        self._options = options
+        self._on_progress = on_progress
+        self.began = time.monotonic()
+
+    @property
+    def children(self) -> list[_Child]:
+        return [g.child for g in self.gateways if g.child is not None]
+
+    async def start(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for gateway in self.gateways:
+                group.create_task(
+                    _prepare_gateway(gateway, self._sandbox, self._options.messages),
+                    name=f"demo.prepare.{gateway.serial}",
+                )
+        self.began = time.monotonic()
+        for gateway in self.gateways:
+            await _spawn_gateway(gateway)
+
+    async def snapshot(self) -> list[GatewayProgress]:
+        return await _snapshot(self.gateways, self._sandbox, self._observer)
+
+    async def _crash(self, progress: Sequence[GatewayProgress]) -> None:
+        due = self._options.crash - sum(g.restarts for g in self.gateways)
+        for gateway, seen in zip(self.gateways, progress, strict=True):
+            if due <= 0:
+                return
+            if gateway.restarts or seen.state not in _CRASH_STATES or gateway.child is None:
+                continue
+            _log.info("demo.crash", gateway=gateway.serial, state=seen.state)
+            gateway.child.process.kill()
+            await gateway.child.process.wait()
+            gateway.restarts += 1
+            await _spawn_gateway(gateway)
+            due -= 1
+
+    async def watch(self) -> str | None:
+        """Report progress every tick until the run ends; return why it ended early, if so."""
+        options = self._options
+        deadline = self.began + options.timeout
+        while True:
+            progress = await self.snapshot()
+            if options.crash:
+                await self._crash(progress)
+            elapsed = time.monotonic() - self.began
+            if self._on_progress is not None:
+                self._on_progress(progress, elapsed)
+            if all(g.provisioned and g.readings >= options.messages for g in progress):
+                return None
+            if any(g.exit_code is not None for g in progress):
+                return f"a daemon's exit after {elapsed:.1f} s"
+            if time.monotonic() >= deadline:
+                return f"the timeout of {options.timeout:g} s"
+            await asyncio.sleep(options.tick)
+
+    async def stop(self) -> None:
+        """Stop every daemon; exits from here on are the demo's doing, not failures."""
+        for gateway in self.gateways:
+            gateway.exit_before_stop, gateway.stopped = gateway.exit_code, True
+        await _stop_all(self.children)
+
+
 async def _run_in(
     directory: Path,
     options: DemoOptions,
@@ -921,41 +1048,17 @@ async def _run_in(
         observer = await stack.enter_async_context(_Observer(iot.address, iot.observer))
         cloud = await stack.enter_async_context(_CloudDaemon(directory / "cloud", sandbox))
         await cloud.wait_ready()
-        gateways = [
-            _Gateway(credentials, directory / f"gw-{credentials.serial}")
-            for credentials in sandbox.devices
-        ]
-        children: list[_Child] = []
-        stack.push_async_callback(_stop_all, children)
-        async with asyncio.TaskGroup() as group:
-            for gateway in gateways:
-                group.create_task(
-                    _prepare_gateway(gateway, sandbox, options.messages),
-                    name=f"demo.prepare.{gateway.serial}",
-                )
-        began = time.monotonic()
-        for gateway in gateways:
-            await _spawn_gateway(gateway)
-            assert gateway.child is not None
-            children.append(gateway.child)
-        _log.info("demo.started", devices=len(gateways), directory=str(directory))
-
-        async def watch() -> tuple[list[GatewayProgress], str | None]:
-            deadline = began + options.timeout
-            while True:
-                progress = await _snapshot(gateways, sandbox, observer)
-                elapsed = time.monotonic() - began
-                if on_progress is not None:
-                    on_progress(progress, elapsed)
-                if all(g.provisioned and g.messages >= options.messages for g in progress):
-                    return progress, None
-                if any(g.exit_code is not None for g in progress):
-                    return progress, f"a daemon's exit after {elapsed:.1f} s"
-                if time.monotonic() >= deadline:
-                    return progress, f"the timeout of {options.timeout:g} s"
-                await asyncio.sleep(options.tick)
-
-        watching = asyncio.create_task(watch(), name="demo.watch")
+        fleet = _Fleet(
+            [_Gateway(c, directory / f"gw-{c.serial}") for c in sandbox.devices],
+            sandbox=sandbox,
+            observer=observer,
+            options=options,
+            on_progress=on_progress,
+        )
+        stack.push_async_callback(fleet.stop)
+        await fleet.start()
+        _log.info("demo.started", devices=options.devices, directory=str(directory))
+        watching = asyncio.create_task(fleet.watch(), name="demo.watch")
         stopping = asyncio.create_task(_await(shutdown), name="demo.shutdown")
         try:
             await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -963,18 +1066,13 @@ async def _run_in(
             for task in (watching, stopping):
                 task.cancel("demo over")
             await asyncio.gather(watching, stopping, return_exceptions=True)
-        wall = time.monotonic() - began
-        interrupted = not (watching.done() and not watching.cancelled())
-        ended_by: str | None = "interruption"
-        if not interrupted:
-            _, ended_by = watching.result()
+        wall = time.monotonic() - fleet.began
+        interrupted = watching.cancelled()
+        ended_by = "interruption" if interrupted else watching.result()
         # The daemons stop before IoT is counted: nothing is issued behind the count.
-        for gateway in gateways:
-            gateway.exit_before_stop, gateway.stopped = gateway.exit_code, True
-        await _stop_all(children)
-        progress = await _snapshot(gateways, sandbox, observer)
-        serials = [g.serial for g in gateways]
-        active, by_gateway = await _certificates(sandbox, serials)
+        await fleet.stop()
+        progress = await fleet.snapshot()
+        active, by_gateway = await _certificates(sandbox, [g.serial for g in fleet.gateways])
         summary = summarize(
             progress,
             messages=options.messages,
@@ -985,9 +1083,8 @@ async def _run_in(
             directory=directory,
             interrupted=interrupted,
         )
-        _log.info(
-            "demo.finished", **{k: v for k, v in summary.to_json().items() if k != "failures"}
-        )
+        figures = {k: v for k, v in summary.to_json().items() if k != "failures"}
+        _log.info("demo.finished", failed=len(summary.failures), **figures)
         return summary
     raise AssertionError  # pragma: no cover - the stack never swallows an exception
 
@@ -1028,7 +1125,7 @@ class _Display:
             if self._states.get(gateway.serial) != state:
                 self._states[gateway.serial] = state
                 self._out.write(f"  {elapsed:6.1f} s  {gateway.serial}  {state}\n")
-        totals = (sum(g.provisioned for g in progress), sum(g.messages for g in progress))
+        totals = (sum(g.provisioned for g in progress), sum(g.readings for g in progress))
         if totals != self._totals or elapsed - self._last_print >= 5:
             headline = render_progress(progress, elapsed=elapsed, messages=self._messages)
             self._out.write(headline.split("\n", 1)[0] + "\n")
@@ -1043,6 +1140,7 @@ def demo_main(
     timeout: float,
     directory: Path | None,
     messages: int = DEFAULT_MESSAGES,
+    crash: int = 0,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
@@ -1055,6 +1153,7 @@ def demo_main(
         directory: the working directory (kept), or None for a temporary one (removed when
             every gateway succeeded).
         messages: readings queued in each gateway's outbox.
+        crash: gateways to SIGKILL once mid-provisioning and start again.
         out: where the progress and the summary go.
         err: where errors go.
 
@@ -1070,6 +1169,7 @@ def demo_main(
             timeout=timeout,
             directory=(directory or _new_directory()).absolute(),
             keep=directory is not None,
+            crash=crash,
         )
     except SandboxUsageError as exc:
         print(f"ztp-sandbox demo: {exc}", file=err)
