@@ -313,6 +313,33 @@ async def test_signal_stops_every_child_and_the_summary_is_readable(
         await stop_everything(up, directory)
 
 
+@pytest.mark.slow
+async def test_down_after_up_was_killed_kills_what_it_left(tmp_path: Path) -> None:
+    directory = tmp_path / "sb"
+    up = await start_up(directory, "--devices", "0", "--json")
+    try:
+        described = json.loads(await read_line(up))
+        up.kill()  # SIGKILL: no chance to stop its children
+        await up.wait()
+        brokers = {described["pids"]["device_broker"], described["pids"]["iot_broker"]}
+        assert brokers <= set(processes_of(directory))
+
+        code, _, err = await run_cli("down", "--dir", str(directory))
+        assert code == 1
+        assert "killed" in err
+
+        async def nothing_left() -> bool:
+            return not processes_of(directory)
+
+        assert await eventually(nothing_left)
+        assert not (directory / PID_FILE).exists()
+        assert not (directory / DESCRIPTION_FILE).exists()
+        code, _, err = await run_cli("down", "--dir", str(directory))
+        assert (code, "no sandbox running" in err) == (0, True)
+    finally:
+        await stop_everything(up, directory)
+
+
 async def test_help_down_without_sandbox_and_bad_arguments(tmp_path: Path) -> None:
     code, out, _ = await run_cli("--help")
     assert code == 0
