@@ -136,29 +136,43 @@ def _publisher_factory(config: DeviceConfig, serial: str) -> PublisherFactory | 
     if not config.publisher.enabled:
         return None
     # Imported here: the publisher and its SQLite outbox are needed only once provisioned.
+    from ztp_daemon.heartbeat import Heartbeat  # noqa: PLC0415
+    from ztp_daemon.ingest import IngestConfig, IngestServer  # noqa: PLC0415
     from ztp_daemon.outbox import Outbox  # noqa: PLC0415
     from ztp_daemon.publisher import BundleCredentials, Publisher, PublisherConfig  # noqa: PLC0415
 
     section = config.publisher
     state_dir = config.device.state_dir
+    thing = section.thing_name or serial
     publisher_config = PublisherConfig(
-        thing_name=section.thing_name or serial,
+        thing_name=thing,
         port=section.port,
         host=section.host,
         ca_file=section.ca_file,
     )
+    ingest_socket = section.ingest_socket or state_dir / "ingest.sock"
+    ingest_config = IngestConfig.for_thing(ingest_socket, thing)
 
     @contextlib.asynccontextmanager
     async def open_publisher(bundle: Bundle) -> AsyncIterator[object]:
         del bundle  # the publisher follows the bundle store itself, new versions included
-        async with (
-            Outbox(state_dir / "outbox.sqlite3") as outbox,
-            Publisher(
-                config=publisher_config,
-                outbox=outbox,
-                credentials=BundleCredentials(BundleStore(state_dir / BUNDLE_DIRECTORY)),
-            ) as publisher,
-        ):
+        credentials = BundleCredentials(BundleStore(state_dir / BUNDLE_DIRECTORY))
+        async with contextlib.AsyncExitStack() as stack:
+            outbox = await stack.enter_async_context(Outbox(state_dir / "outbox.sqlite3"))
+            publisher = await stack.enter_async_context(
+                Publisher(config=publisher_config, outbox=outbox, credentials=credentials)
+            )
+            await stack.enter_async_context(IngestServer(config=ingest_config, outbox=outbox))
+            if section.heartbeat_interval > 0:
+                await stack.enter_async_context(
+                    Heartbeat(
+                        outbox=outbox,
+                        topic=f"dt/{thing}/health",
+                        interval=section.heartbeat_interval,
+                        credentials=credentials,
+                        publisher=publisher,
+                    )
+                )
             yield publisher
 
     return open_publisher

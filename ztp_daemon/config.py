@@ -211,6 +211,10 @@ class PublisherSection:
         port: 8883, or 443 (ALPN ``x-amzn-mqtt-ca``).
         ca_file: the CA to trust for the IoT endpoint; the system trust store when unset.
         thing_name: the MQTT client id; the serial when unset.
+        ingest_socket: the Unix socket other gateway programs write JSON lines to;
+            ``<state_dir>/ingest.sock`` when unset.
+        heartbeat_interval: seconds between health messages on ``dt/<thing>/health``; 0 turns
+            the heartbeat off.
     """
 
     enabled: bool = True
@@ -218,6 +222,8 @@ class PublisherSection:
     port: int = field(default=8883, metadata=_PORT)
     ca_file: Path | None = None
     thing_name: str | None = field(default=None, metadata={"min_length": 1, "max_length": 128})
+    ingest_socket: Path | None = None
+    heartbeat_interval: float = field(default=60.0, metadata={"min": 0, "max": 86400})
 
 
 @dataclass(frozen=True, slots=True)

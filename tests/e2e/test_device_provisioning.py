@@ -22,13 +22,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sandbox.brokers import DeviceBroker, IotBroker
+from sandbox.brokers import DeviceBroker, IotBroker, client_tls_context
 from sandbox.pki import SandboxPki
 from shared.messages import CertificateRequest, Provisioned, Rejected
 from tests.e2e.device_fixtures import (
@@ -176,8 +177,14 @@ def corrupt(params: dict[str, str]) -> dict[str, str]:
 
 
 async def test_fresh_gateway_is_provisioned_from_shuffled_duplicated_fragments(
-    daemon: Daemon, cloud: Cloud, serial: str, password: str
+    daemon: Daemon, cloud: Cloud, serial: str, password: str, iot_broker: IotBroker
 ) -> None:
+    observer = aiomqtt.Client(
+        iot_broker.address.host,
+        iot_broker.address.port,
+        identifier=f"observer-{serial}",
+        tls_context=client_tls_context(iot_broker.address, iot_broker.observer),
+    )
     await daemon.start()
     request = await cloud.wait_request(1)
     directory = state_dir(daemon)
@@ -212,6 +219,24 @@ async def test_fresh_gateway_is_provisioned_from_shuffled_duplicated_fragments(
 
     # The publisher took over with the delivered certificate: mutual TLS to the IoT broker.
     await daemon.wait_line(lambda line: "event=publisher.connected" in line)
+    # A gateway program's line on the ingestion socket reaches the IoT broker; a line outside
+    # the thing's own prefix is refused on the socket.
+    async with observer:
+        await observer.subscribe(f"dt/{serial}/#", qos=1)
+        replies = await ingest(
+            directory / "ingest.sock",
+            {"topic": f"dt/{serial}/sensors", "payload": {"t": 21.5}, "qos": 1},
+            {"topic": "dt/SOMEONE-ELSE/sensors", "payload": 1, "qos": 1},
+        )
+        assert replies[0]["ok"] is True
+        assert replies[1]["ok"] is False
+        received: dict[str, bytes] = {}
+        async with asyncio.timeout(10):
+            async for message in observer.messages:
+                received[str(message.topic)] = bytes(message.payload)  # type: ignore[arg-type]
+                if f"dt/{serial}/sensors" in received:
+                    break
+        assert json.loads(received[f"dt/{serial}/sensors"]) == {"t": 21.5}
 
     report = await asyncio.to_thread(status_json, daemon.config)
     assert report["state"] == "provisioned"
@@ -585,3 +610,18 @@ async def test_systemd_hears_ready_status_watchdog_and_stopping(
             await hear(lambda d: d.strip() == "WATCHDOG=1")
         assert await daemon.stop() == 0
         await hear(lambda d: "STOPPING=1" in d)
+
+
+async def ingest(socket_path: Path, *lines: dict[str, object]) -> list[dict[str, object]]:
+    """Write JSON lines to the daemon's ingestion socket and read one reply line for each."""
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    try:
+        replies = []
+        for line in lines:
+            writer.write(json.dumps(line).encode() + b"\n")
+            await writer.drain()
+            replies.append(json.loads(await reader.readline()))
+        return replies
+    finally:
+        writer.close()
+        await writer.wait_closed()
