@@ -571,17 +571,22 @@ class Sandbox:
 
         moto's backends are emptied (and its knobs restored, the CRL emptied and the IoT broker
         reloaded), the Kinesis stream is made again empty, the emulator's tasks held by the
-        reorder fault are released and every fault knob is back at its default. Systems and
-        broker accounts stay: tests use fresh serials.
+        reorder fault are released and every fault knob is back at its default. The IoT broker
+        has reloaded the empty CRL when this returns. Systems and broker accounts stay: tests use
+        fresh serials.
 
         Raises:
             SandboxUsageError: the sandbox is not running.
             TransportError: moto did not answer.
+            BrokerReloadError: the IoT broker did not confirm its reload.
         """
         emulator = self.emulator
         emulator.release_held_tasks()
         emulator.faults.update(Faults().to_json())
         await self.aws.reset()
+        # moto signals the broker without waiting for it; this reload is confirmed on return,
+        # so a certificate revoked by the previous test is accepted again from here on.
+        await self.iot_broker.reload()
         await self._create_stream()
 
 

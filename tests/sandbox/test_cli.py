@@ -535,6 +535,9 @@ async def test_describe_endpoint_and_revocation_reach_the_iot_broker(
         assert await eventually(refused)
         with pytest.raises(ClientError):
             await iot.update_certificate(certificateId=created["certificateId"], newStatus="ACTIVE")
+    # A reset forgets every certificate and empties the CRL; the broker has reloaded on return.
+    await sandbox.run(Sandbox.reset)
+    assert await handshake_ok()
 
 
 def test_sandbox_thread_reports_a_failed_start(tmp_path: Path) -> None:
