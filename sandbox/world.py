@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -66,7 +67,7 @@ __all__ = [
     "MQTT_SOCKET_OPTIONS",
     "AirVantageAccess",
     "DeviceCredentials",
-    "MqttEndpoint",
+    "IotMqttAccess",
     "Sandbox",
     "SandboxDescription",
     "SandboxThread",
@@ -95,6 +96,15 @@ _log = structlog.get_logger()
 # The description
 
 
+def _member(document: object, key: str, kind: type[T], where: str) -> T:
+    """``document[key]`` if it is a ``kind``; a description that lacks it is refused."""
+    value = document.get(key) if isinstance(document, Mapping) else None
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        msg = f"sandbox description: {where}{key} must be a {kind.__name__}"
+        raise SandboxUsageError(msg)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceCredentials:
     """A gateway registered in the sandbox.
@@ -116,20 +126,36 @@ class DeviceCredentials:
         """Return ``{"serial": ..., "password": ...}``."""
         return {"serial": self.serial, "password": self.password}
 
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Self:
+        """The inverse of :meth:`to_json`.
+
+        Raises:
+            SandboxUsageError: a member is missing or has the wrong type.
+        """
+        return cls(
+            _member(document, "serial", str, "devices[]."),
+            _member(document, "password", str, "devices[]."),
+        )
+
 
 @dataclass(frozen=True, slots=True)
-class MqttEndpoint:
-    """Where an MQTT client reaches a sandbox broker.
+class IotMqttAccess:
+    """Where a thing reaches the sandbox IoT broker (mutual TLS).
 
     Attributes:
-        host: the broker's address (loopback).
+        host: the broker's address (loopback); DescribeEndpoint answers it too.
         port: its TCP port.
-        ca_file: the CA certificate to trust (TLS listeners), or None for plain MQTT.
+        ca_file: the CA certificate to trust (it also signs every certificate IoT issues).
+        observer_cert_file: a client certificate that may read every topic (tests, demo).
+        observer_key_file: its private key (0600).
     """
 
     host: str
     port: int
-    ca_file: Path | None
+    ca_file: Path
+    observer_cert_file: Path
+    observer_key_file: Path
 
     def __post_init__(self) -> None:
         if not self.host or not 0 < self.port < 65536:
@@ -137,12 +163,30 @@ class MqttEndpoint:
             raise SandboxUsageError(msg)
 
     def to_json(self) -> dict[str, Any]:
-        """Return ``{"host", "port", "ca_file"}`` (``ca_file`` is a path string or null)."""
+        """Return the access as a JSON object (paths as strings)."""
         return {
             "host": self.host,
             "port": self.port,
-            "ca_file": None if self.ca_file is None else str(self.ca_file),
+            "ca_file": str(self.ca_file),
+            "observer_cert_file": str(self.observer_cert_file),
+            "observer_key_file": str(self.observer_key_file),
         }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Self:
+        """The inverse of :meth:`to_json`.
+
+        Raises:
+            SandboxUsageError: a member is missing or has the wrong type.
+        """
+        where = "iot_mqtt."
+        return cls(
+            host=_member(document, "host", str, where),
+            port=_member(document, "port", int, where),
+            ca_file=Path(_member(document, "ca_file", str, where)),
+            observer_cert_file=Path(_member(document, "observer_cert_file", str, where)),
+            observer_key_file=Path(_member(document, "observer_key_file", str, where)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +217,22 @@ class AirVantageAccess:
             "client_secret": self.client_secret,
         }
 
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Self:
+        """The inverse of :meth:`to_json`.
+
+        Raises:
+            SandboxUsageError: a member is missing or has the wrong type.
+        """
+        where = "airvantage."
+        return cls(
+            api_url=_member(document, "api_url", str, where),
+            mqtt_host=_member(document, "mqtt_host", str, where),
+            mqtt_port=_member(document, "mqtt_port", int, where),
+            client_id=_member(document, "client_id", str, where),
+            client_secret=_member(document, "client_secret", str, where),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class SandboxDescription:
@@ -180,12 +240,14 @@ class SandboxDescription:
 
     Attributes:
         directory: the sandbox directory.
-        aws_endpoint_url: the moto server, for aiobotocore's ``endpoint_url``.
+        aws_endpoint_url: the moto server, for aiobotocore's ``endpoint_url`` (any access key
+            is accepted; clients should make one attempt, see
+            :meth:`~sandbox.aws.MotoSandbox.client_kwargs`).
         region: the AWS region to name.
         kinesis_stream: the stream the AirVantage connector writes into.
         iot_mqtt: the IoT broker (mutual TLS; DescribeEndpoint answers its host).
         airvantage: the emulator's REST API and device broker.
-        devices: the gateways registered at start-up.
+        devices: the gateways registered so far.
         pids: process ids: ``sandbox`` (the process running it), ``device_broker``,
             ``iot_broker``, ``moto``.
     """
@@ -194,7 +256,7 @@ class SandboxDescription:
     aws_endpoint_url: str
     region: str
     kinesis_stream: str
-    iot_mqtt: MqttEndpoint
+    iot_mqtt: IotMqttAccess
     airvantage: AirVantageAccess
     devices: tuple[DeviceCredentials, ...]
     pids: Mapping[str, int]
@@ -211,6 +273,53 @@ class SandboxDescription:
             "devices": [device.to_json() for device in self.devices],
             "pids": dict(self.pids),
         }
+
+    @classmethod
+    def from_json(cls, document: object) -> Self:
+        """Read a description back (``DIR/sandbox.json``, or the line ``up --json`` prints).
+
+        Args:
+            document: the decoded JSON document.
+
+        Returns:
+            The description.
+
+        Raises:
+            SandboxUsageError: a member is missing or has the wrong type.
+        """
+        if not isinstance(document, Mapping):
+            msg = "sandbox description: must be a JSON object"
+            raise SandboxUsageError(msg)
+        pids = _member(document, "pids", dict, "")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in pids.values()):
+            msg = "sandbox description: pids must map names to process ids"
+            raise SandboxUsageError(msg)
+        return cls(
+            directory=Path(_member(document, "directory", str, "")),
+            aws_endpoint_url=_member(document, "aws_endpoint_url", str, ""),
+            region=_member(document, "region", str, ""),
+            kinesis_stream=_member(document, "kinesis_stream", str, ""),
+            iot_mqtt=IotMqttAccess.from_json(_member(document, "iot_mqtt", dict, "")),
+            airvantage=AirVantageAccess.from_json(_member(document, "airvantage", dict, "")),
+            devices=tuple(
+                DeviceCredentials.from_json(d) for d in _member(document, "devices", list, "")
+            ),
+            pids=dict(pids),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        """Read a description file (``DIR/sandbox.json``).
+
+        Raises:
+            SandboxUsageError: the file is missing, not JSON, or not a description.
+        """
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            msg = f"cannot read the sandbox description {path}: {exc}"
+            raise SandboxUsageError(msg) from exc
+        return cls.from_json(document)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,13 +466,15 @@ class Sandbox:
             SandboxUsageError: the sandbox is not running.
         """
         iot = self.iot_broker.address
+        assert iot.ca_file is not None  # the IoT broker is a TLS listener
+        observer_cert, observer_key = self.iot_broker.observer_certificate()
         device = self.device_broker.address
         return SandboxDescription(
             directory=self._directory,
             aws_endpoint_url=self.aws.endpoint_url,
             region=self.aws.region,
             kinesis_stream=self._stream_name,
-            iot_mqtt=MqttEndpoint(iot.host, iot.port, iot.ca_file),
+            iot_mqtt=IotMqttAccess(iot.host, iot.port, iot.ca_file, observer_cert, observer_key),
             airvantage=AirVantageAccess(
                 api_url=self.emulator.api_url,
                 mqtt_host=device.host,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import ssl
 import sys
@@ -34,13 +35,14 @@ from cryptography.x509.oid import NameOID
 
 from sandbox.__main__ import DESCRIPTION_FILE, PID_FILE, build_parser
 from sandbox.airvantage import Faults
-from sandbox.errors import BrokerStartError
+from sandbox.errors import BrokerStartError, SandboxUsageError
 from sandbox.moto_fidelity import FidelityConfig
 from sandbox.pki import SandboxPki
 from sandbox.world import (
     MQTT_SOCKET_OPTIONS,
     DeviceCredentials,
     Sandbox,
+    SandboxDescription,
     SandboxThread,
 )
 
@@ -213,7 +215,13 @@ async def test_up_json_reaches_every_endpoint_and_down_leaves_no_process(tmp_pat
         assert startup < STARTUP_BOUND
 
         assert set(described) == TOP_LEVEL_KEYS
-        assert set(described["iot_mqtt"]) == {"host", "port", "ca_file"}
+        assert set(described["iot_mqtt"]) == {
+            "host",
+            "port",
+            "ca_file",
+            "observer_cert_file",
+            "observer_key_file",
+        }
         assert set(described["airvantage"]) == {
             "api_url",
             "mqtt_host",
@@ -253,13 +261,19 @@ async def test_up_json_reaches_every_endpoint_and_down_leaves_no_process(tmp_pat
                 device["password"],
             ):
                 pass
-        # The IoT broker speaks TLS with the sandbox CA's certificate.
+        # The IoT broker speaks mutual TLS with the sandbox CA; the observer may connect.
         context = ssl.create_default_context(cafile=iot["ca_file"])
-        async with asyncio.timeout(5):
-            _, writer = await asyncio.open_connection(iot["host"], iot["port"], ssl=context)
-        writer.close()
-        with contextlib.suppress(ssl.SSLError, ConnectionError):
-            await writer.wait_closed()  # the broker drops a client without a certificate
+        context.load_cert_chain(iot["observer_cert_file"], iot["observer_key_file"])
+        async with aiomqtt.Client(
+            iot["host"],
+            iot["port"],
+            tls_context=context,
+            timeout=5,
+            socket_options=MQTT_SOCKET_OPTIONS,
+        ) as observer:
+            await observer.subscribe("dt/#")
+        # The description reads back as what was printed.
+        assert SandboxDescription.from_json(described).to_json() == described
 
         # A second 'up' on the same directory is refused, and changes nothing.
         code, out, err = await run_cli("up", "--dir", str(directory), "--json")
@@ -356,6 +370,13 @@ async def test_help_down_without_sandbox_and_bad_arguments(tmp_path: Path) -> No
     assert code == 2
     assert "--devices" in err
     assert not (tmp_path / "x").exists()
+    # mosquitto cannot be configured with such paths: a clear refusal, nothing left running.
+    spaced = tmp_path / "with space"
+    code, out, err = await run_cli("up", "--dir", str(spaced), "--json")
+    assert (code, out) == (1, "")
+    assert "whitespace" in err
+    assert processes_of(spaced) == {}
+    assert not (spaced / PID_FILE).exists()
 
 
 def test_parser_reads_what_the_help_says() -> None:
@@ -401,6 +422,45 @@ async def test_failed_start_stops_what_did_start(tmp_path: Path) -> None:
         async with Sandbox(directory):
             pytest.fail("the start should have failed")
     assert processes_of(directory) == {}
+
+
+def test_description_files_that_do_not_describe_a_sandbox_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SandboxUsageError, match="cannot read"):
+        SandboxDescription.load(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(SandboxUsageError, match="JSON object"):
+        SandboxDescription.load(tmp_path / "list.json")
+    good = {
+        "directory": "/d",
+        "aws_endpoint_url": "http://127.0.0.1:1",
+        "region": "us-east-1",
+        "kinesis_stream": "s",
+        "iot_mqtt": {
+            "host": "127.0.0.1",
+            "port": 2,
+            "ca_file": "/d/ca.pem",
+            "observer_cert_file": "/d/o.pem",
+            "observer_key_file": "/d/o.key",
+        },
+        "airvantage": {
+            "api_url": "http://127.0.0.1:3",
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": 4,
+            "client_id": "c",
+            "client_secret": "s",
+        },
+        "devices": [{"serial": "SN1", "password": "p"}],
+        "pids": {"sandbox": 5},
+    }
+    assert SandboxDescription.from_json(good).to_json() == good
+    for broken, where in (
+        ({**good, "pids": {"sandbox": True}}, "pids"),
+        ({**good, "iot_mqtt": {**good["iot_mqtt"], "port": "2"}}, "iot_mqtt.port"),
+        ({**good, "airvantage": {**good["airvantage"], "client_secret": None}}, "client_secret"),
+        ({**good, "devices": [{"serial": "SN1"}]}, "devices[].password"),
+    ):
+        with pytest.raises(SandboxUsageError, match=re.escape(where)):
+            SandboxDescription.from_json(broken)
 
 
 def test_device_credentials_keep_the_password_out_of_repr() -> None:
