@@ -1,0 +1,616 @@
+"""Fleet burst: N gateways ask for a certificate at once; the cloud daemon works at IoT's 15 TPS.
+
+Run ``python -m bench.fleet [--quick] [--json]`` (or the whole suite, ``python -m bench``).
+
+What runs, all on loopback:
+
+- one sandbox (:class:`~sandbox.world.Sandbox`: brokers, moto with IoT throttling **on** at
+  15 TPS per API, as AWS's quota, and the AirVantage emulator) in this process;
+- one real ``ztp-cloud run`` process (its production rate limiter: 15 TPS per IoT API);
+- the device side in one child process (``python -m bench.fleet devices``): N real device
+  daemons' supervisors (:func:`ztp_daemon.supervisor.serve`: the provisioning machine, the
+  AirVantage MQTT link, the key store, state file and bundle store on disk), each with its own
+  serial, broker account and state directory, started together on one event loop. The child
+  times each gateway from the burst's start to its ``provisioned`` state (certificate verified
+  and stored), from the daemon's own log event.
+
+The figure is ``fleet_quota_ratio`` = wall time ÷ (N / 15 s): 1.0 means the fleet provisioned
+as fast as IoT's quota allows (CreateCertificateFromCsr, CreateThing, AttachThingPrincipal and
+AttachPolicy each at most 15 per second); the goal is ≤ 1.05 with no failure. The cloud
+daemon's CPU time over the burst (``/proc/<pid>/stat``) is reported per provisioned gateway for
+:mod:`bench.cloud_cpu`.
+
+The child is driven over stdin/stdout with JSON lines, so the same warm child also serves
+:mod:`bench.single` (one gateway at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiohttp
+import structlog
+
+from bench.common import cpu_seconds, median
+from sandbox.moto_fidelity import FidelityConfig
+from sandbox.world import DeviceCredentials, Sandbox
+
+__all__ = [
+    "IOT_TPS",
+    "CloudDaemon",
+    "DeviceFleet",
+    "FleetResult",
+    "bench_sandbox",
+    "main",
+    "quiet_logs",
+    "run_fleet",
+]
+
+IOT_TPS: Final = 15.0
+_PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
+_READY_TIMEOUT: Final = 60.0
+_PROVISIONED: Final = "provisioned"
+
+
+# --------------------------------------------------------------------------------------------
+# The device side, in a child process
+
+
+@dataclass(frozen=True, slots=True)
+class _BurstOutcome:
+    began: float
+    provisioned: dict[str, float]
+    failed: dict[str, str]
+    cpu_seconds: float
+
+
+class _Watch:
+    """A structlog processor: notes when each gateway reaches ``provisioned``, drops the rest."""
+
+    def __init__(self) -> None:
+        self.provisioned: dict[str, float] = {}
+        self.expected: set[str] = set()
+        self.done = asyncio.Event()
+
+    def __call__(
+        self, _logger: object, method: str, event: MutableMapping[str, Any]
+    ) -> Mapping[str, Any]:
+        if event.get("event") == "provisioning.state" and event.get("state") == _PROVISIONED:
+            serial = str(event.get("serial"))
+            self.provisioned.setdefault(serial, time.time())
+            if self.expected <= self.provisioned.keys():
+                self.done.set()
+        elif method in {"error", "critical"}:
+            sys.stderr.write(f"device: {event.get('event')} {event.get('reason', '')}\n")
+        raise structlog.DropEvent
+
+
+def _device_config(spec: Mapping[str, Any], serial: str, password: str, root: Path) -> Any:
+    from shared.config import Secret
+    from ztp_daemon.config import (
+        AirVantageSection,
+        DeviceConfig,
+        DeviceSection,
+        LogSection,
+        PublisherSection,
+        RetrySection,
+        VerificationSection,
+    )
+
+    return DeviceConfig(
+        airvantage=AirVantageSection(
+            password=Secret(password),
+            host=spec["host"],
+            port=int(spec["port"]),
+            tls=False,
+            connect_timeout=30.0,
+            backoff_base=0.2,
+            backoff_cap=5.0,
+            min_connect_interval=0.2,
+        ),
+        device=DeviceSection(serial=serial, state_dir=root / serial),
+        verification=VerificationSection(check_cn=True, ca_bundle=Path(spec["ca_file"])),
+        # The last of N gateways waits N/15 s for its turn at IoT: no re-send before that.
+        retry=RetrySection(first=float(spec["retry_first"]), cap=float(spec["retry_first"]) * 2),
+        publisher=PublisherSection(enabled=False),
+        log=LogSection(),
+    )
+
+
+async def _burst(
+    spec: Mapping[str, Any], devices: Sequence[Sequence[str]], watch: _Watch, within: float
+) -> _BurstOutcome:
+    from ztp_daemon.supervisor import serve
+
+    root = Path(spec["root"])
+    configs = [_device_config(spec, serial, password, root) for serial, password in devices]
+    watch.provisioned.clear()
+    watch.expected = {serial for serial, _ in devices}
+    watch.done.clear()
+    stop = asyncio.Event()
+
+    async def shutdown() -> None:
+        await stop.wait()
+
+    failed: dict[str, str] = {}
+    cpu = time.process_time()
+    began = time.time()
+
+    async def one(config: Any, serial: str) -> None:
+        try:
+            await serve(config, shutdown=shutdown, serial=serial)
+        except Exception as exc:  # noqa: BLE001 - one gateway's failure is a figure, not a crash
+            failed[serial] = f"{type(exc).__name__}: {exc}"
+
+    async with asyncio.TaskGroup() as group:
+        for config, (serial, _) in zip(configs, devices, strict=True):
+            group.create_task(one(config, serial), name=f"bench.device.{serial}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await watch.done.wait()
+        cpu = time.process_time() - cpu
+        stop.set()
+    for serial, _ in devices:
+        if serial not in watch.provisioned and serial not in failed:
+            failed[serial] = f"not provisioned within {within:g} s"
+    return _BurstOutcome(began, dict(watch.provisioned), failed, cpu)
+
+
+async def _device_child() -> int:
+    # The supervisors' log events feed the watch and nothing else: a thousand gateways' lines
+    # would cost more CPU than the gateways.
+    watch = _Watch()
+    structlog.configure(processors=[watch], cache_logger_on_first_use=False)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    spec: dict[str, Any] = {}
+    _emit({"ready": True})
+    while line := await reader.readline():
+        command = json.loads(line)
+        match command["cmd"]:
+            case "setup":
+                spec = command
+                _emit({"ok": True})
+            case "burst":
+                outcome = await _burst(spec, command["devices"], watch, command["timeout"])
+                _emit(
+                    {
+                        "began": outcome.began,
+                        "provisioned": outcome.provisioned,
+                        "failed": outcome.failed,
+                        "cpu_seconds": outcome.cpu_seconds,
+                    }
+                )
+            case "exit":
+                return 0
+    return 0
+
+
+def _emit(message: Mapping[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class BurstResult:
+    """One burst as the device child saw it.
+
+    Attributes:
+        began: wall-clock time the burst started (epoch seconds).
+        latencies: seconds from the burst's start to each provisioned gateway's ``provisioned``.
+        failed: each gateway that did not make it, and why.
+        device_cpu_seconds: CPU the device child used over the burst.
+    """
+
+    began: float
+    latencies: dict[str, float]
+    failed: dict[str, str]
+    device_cpu_seconds: float
+
+    @property
+    def wall_seconds(self) -> float:
+        """From the burst's start to the last gateway provisioned."""
+        return max(self.latencies.values(), default=math.nan)
+
+
+class DeviceFleet:
+    """The device child process: many gateways' supervisors on one event loop.
+
+    Args:
+        sandbox: the running sandbox (device broker, CA).
+        root: where the gateways' state directories go.
+        retry_first: seconds a gateway waits for its certificate before sending again.
+    """
+
+    def __init__(self, sandbox: Sandbox, root: Path, *, retry_first: float = 120.0) -> None:
+        self._sandbox = sandbox
+        self._root = root
+        self._retry_first = retry_first
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Self:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.fleet",
+            "devices",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=_PROJECT_ROOT,
+            env={**os.environ, "PYTHONPATH": str(_PROJECT_ROOT)},
+            limit=64 * 1024 * 1024,
+        )
+        await self._read()
+        broker = self._sandbox.device_broker.address
+        await self._call(
+            {
+                "cmd": "setup",
+                "host": broker.host,
+                "port": broker.port,
+                "ca_file": str(self._sandbox.pki.ca_file),
+                "root": str(self._root),
+                "retry_first": self._retry_first,
+            }
+        )
+        return self
+
+    async def _read(self) -> dict[str, Any]:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        line = await self._process.stdout.readline()
+        if not line:
+            code = await self._process.wait()
+            msg = f"the device child exited with status {code}"
+            raise RuntimeError(msg)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def _call(self, command: Mapping[str, Any]) -> dict[str, Any]:
+        assert self._process is not None
+        assert self._process.stdin is not None
+        self._process.stdin.write((json.dumps(command) + "\n").encode())
+        await self._process.stdin.drain()
+        return await self._read()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self._process is not None
+        return self._process.pid
+
+    async def burst(self, devices: Sequence[DeviceCredentials], *, within: float) -> BurstResult:
+        """Start every gateway at once; return when all are provisioned or ``timeout`` passed.
+
+        Args:
+            devices: registered gateways, each used once.
+            within: seconds to wait for the last one.
+
+        Returns:
+            Each gateway's latency, the failures, the child's CPU time.
+        """
+        answer = await self._call(
+            {
+                "cmd": "burst",
+                "devices": [[d.serial, d.password] for d in devices],
+                "timeout": within,
+            }
+        )
+        began = float(answer["began"])
+        return BurstResult(
+            began=began,
+            latencies={s: t - began for s, t in answer["provisioned"].items()},
+            failed=dict(answer["failed"]),
+            device_cpu_seconds=float(answer["cpu_seconds"]),
+        )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.returncode is None and process.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                process.stdin.write(b'{"cmd": "exit"}\n')
+                await process.stdin.drain()
+        try:
+            async with asyncio.timeout(30):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# The cloud daemon, a real process
+
+
+class CloudDaemon:
+    """``ztp-cloud run`` against the sandbox (production rate limits), its log in a file.
+
+    Args:
+        sandbox: the running sandbox.
+        directory: its store and log.
+    """
+
+    def __init__(self, sandbox: Sandbox, directory: Path) -> None:
+        self._sandbox = sandbox
+        self._directory = directory
+        self._process: asyncio.subprocess.Process | None = None
+        self._log: Any = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        description = self._sandbox.description
+        access = description.airvantage
+        secret = self._directory / "client-secret"
+        secret.write_text(access.client_secret + "\n")
+        secret.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ZTP_", "AWS_"))}
+        env |= {
+            "PYTHONPATH": str(_PROJECT_ROOT),
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "ZTP_CLOUD_AWS_ENDPOINT_URL": description.aws_endpoint_url,
+            "ZTP_CLOUD_AWS_REGION": description.region,
+            "ZTP_CLOUD_AWS_MAX_ATTEMPTS": "1",
+            "ZTP_CLOUD_KINESIS_STREAM": description.kinesis_stream,
+            "ZTP_CLOUD_KINESIS_WORKER_ID": "ztp-bench-cloud",
+            "ZTP_CLOUD_KINESIS_MAX_IDLE_WAIT": "0.2",
+            "ZTP_CLOUD_KINESIS_DISCOVERY_INTERVAL": "1",
+            "ZTP_CLOUD_AIRVANTAGE_API_URL": access.api_url,
+            "ZTP_CLOUD_AIRVANTAGE_CLIENT_ID": access.client_id,
+            "ZTP_CLOUD_AIRVANTAGE_CLIENT_SECRET_FILE": str(secret),
+            "ZTP_CLOUD_AIRVANTAGE_POLL_INTERVAL": "0.5",
+            "ZTP_CLOUD_STORE_PATH": str(self._directory / "store"),
+            "ZTP_CLOUD_HTTP_HOST": "127.0.0.1",
+            "ZTP_CLOUD_HTTP_PORT": "0",
+            "ZTP_CLOUD_IOT_TPS": f"{IOT_TPS:g}",
+        }
+        self._log = (self._directory / "cloud.log").open("ab")
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cloud_daemon",
+            "run",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            cwd=_PROJECT_ROOT,
+        )
+        async with asyncio.timeout(_READY_TIMEOUT):
+            while True:
+                assert self._process.stdout is not None
+                line = await self._process.stdout.readline()
+                if not line:
+                    msg = f"ztp-cloud exited; see {self._directory / 'cloud.log'}"
+                    raise RuntimeError(msg)
+                self._log.write(line)
+                event = json.loads(line)
+                if event.get("event") == "service.ready":
+                    self.port = int(event["port"])
+                    break
+        # From here on its stdout goes straight on into the file, read by nobody.
+        self._copy = asyncio.create_task(self._drain(), name="bench.cloud-log")
+        return self
+
+    async def _drain(self) -> None:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        while line := await self._process.stdout.readline():
+            self._log.write(line)
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process id."""
+        assert self._process is not None
+        return self._process.pid
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the daemon has used so far."""
+        return cpu_seconds(self.pid)
+
+    async def metric(self, name: str) -> float:
+        """The sum of a counter's samples in ``/metrics``."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.port}/metrics") as response,
+        ):
+            text = await response.text()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        process = self._process
+        if process is not None:
+            if process.returncode is None:
+                process.terminate()
+            try:
+                async with asyncio.timeout(30):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+            await self._copy
+        if self._log is not None:
+            self._log.close()
+
+
+@contextlib.asynccontextmanager
+async def bench_sandbox(directory: Path) -> Any:
+    """A sandbox with IoT throttling on at 15 TPS per API, as AWS's quota."""
+    fidelity = FidelityConfig(iot_throttling=True, iot_tps=IOT_TPS)
+    async with Sandbox(directory, fidelity=fidelity, redelivery_interval=30.0) as sandbox:
+        yield sandbox
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass(frozen=True, slots=True)
+class FleetResult:
+    """The fleet burst's figures."""
+
+    devices: int
+    provisioned: int
+    failures: int
+    failure_examples: dict[str, str]
+    wall_seconds: float
+    quota_seconds: float
+    fleet_quota_ratio: float
+    latency_p50_seconds: float
+    latency_max_seconds: float
+    cloud_cpu_seconds: float
+    cloud_cpu_ms_per_device: float
+    device_cpu_ms_per_device: float
+    iot_throttled: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures as JSON-ready data."""
+        return {
+            "fleet_devices": self.devices,
+            "fleet_provisioned": self.provisioned,
+            "fleet_failures": self.failures,
+            "fleet_failure_examples": self.failure_examples,
+            "fleet_wall_seconds": round(self.wall_seconds, 2),
+            "fleet_quota_seconds": round(self.quota_seconds, 2),
+            "fleet_quota_ratio": round(self.fleet_quota_ratio, 3),
+            "fleet_latency_p50_seconds": round(self.latency_p50_seconds, 2),
+            "fleet_latency_max_seconds": round(self.latency_max_seconds, 2),
+            "fleet_cloud_cpu_seconds": round(self.cloud_cpu_seconds, 2),
+            "cloud_cpu_ms_per_device": round(self.cloud_cpu_ms_per_device, 2),
+            "fleet_device_cpu_ms_per_device": round(self.device_cpu_ms_per_device, 2),
+            "fleet_iot_throttled": self.iot_throttled,
+        }
+
+
+async def run_fleet(
+    sandbox: Sandbox,
+    cloud: CloudDaemon,
+    fleet: DeviceFleet,
+    *,
+    devices: int,
+    log: Callable[[str], None],
+) -> FleetResult:
+    """Register ``devices`` gateways, start them together, wait until all are provisioned.
+
+    Args:
+        sandbox: the running sandbox (IoT throttling on).
+        cloud: the running cloud daemon.
+        fleet: the device child.
+        devices: N.
+        log: progress lines.
+
+    Returns:
+        The figures.
+    """
+    gateways = await sandbox.add_devices(devices)
+    quota = devices / IOT_TPS
+    throttled_before = await cloud.metric("ztp_cloud_throttles_total")
+    cpu_before = cloud.cpu_seconds()
+    log(f"fleet: {devices} gateways at once; IoT quota alone needs {quota:.1f} s")
+    burst = await fleet.burst(gateways, within=max(60.0, quota * 3))
+    cpu = cloud.cpu_seconds() - cpu_before
+    throttled = await cloud.metric("ztp_cloud_throttles_total") - throttled_before
+    provisioned = len(burst.latencies)
+    wall = burst.wall_seconds if provisioned == devices else math.inf
+    latencies = list(burst.latencies.values()) or [math.nan]
+    result = FleetResult(
+        devices=devices,
+        provisioned=provisioned,
+        failures=len(burst.failed),
+        failure_examples=dict(list(burst.failed.items())[:3]),
+        wall_seconds=wall,
+        quota_seconds=quota,
+        fleet_quota_ratio=wall / quota,
+        latency_p50_seconds=median(latencies),
+        latency_max_seconds=max(latencies),
+        cloud_cpu_seconds=cpu,
+        cloud_cpu_ms_per_device=cpu / max(1, provisioned) * 1000,
+        device_cpu_ms_per_device=burst.device_cpu_seconds / max(1, provisioned) * 1000,
+        iot_throttled=throttled,
+    )
+    log(
+        f"fleet: {provisioned}/{devices} provisioned in {wall:.2f} s "
+        f"(ratio {result.fleet_quota_ratio:.3f}), cloud CPU {result.cloud_cpu_ms_per_device:.1f}"
+        f" ms/gateway, {throttled:g} IoT throttles"
+    )
+    return result
+
+
+async def _standalone(*, quick: bool, log: Callable[[str], None]) -> FleetResult:
+    with tempfile.TemporaryDirectory(prefix="ztp-bench-fleet-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        async with (
+            bench_sandbox(work / "sandbox") as sandbox,
+            CloudDaemon(sandbox, work / "cloud") as cloud,
+            DeviceFleet(sandbox, work / "devices") as fleet,
+        ):
+            return await run_fleet(sandbox, cloud, fleet, devices=60 if quick else 1000, log=log)
+
+
+def quiet_logs() -> None:
+    """Only warnings, on stderr: stdout carries the figures."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _logger(started: float) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.fleet [--quick] [--json]`` (and the device child's ``devices`` mode).
+
+    Returns:
+        0 when every gateway provisioned, 1 otherwise.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["devices"]:
+        return asyncio.run(_device_child())
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="N = 60 instead of 1,000")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    options = parser.parse_args(arguments)
+    quiet_logs()
+    result = asyncio.run(_standalone(quick=options.quick, log=_logger(time.monotonic())))
+    print(json.dumps(result.to_json(), indent=None if options.json else 2))
+    return 0 if result.failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
