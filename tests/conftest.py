@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from sandbox.world import DeviceCredentials, Sandbox, SandboxThread
+if TYPE_CHECKING:
+    # Imported where used: aiobotocore and aiohttp cost ~0.5 s, which unit-only runs need not pay.
+    from sandbox.world import DeviceCredentials, Sandbox, SandboxThread
 
 
 @pytest.fixture(scope="session")
 def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxThread]:
     """The session's sandbox (started on first use, stopped after the last test)."""
+    from sandbox.world import SandboxThread
+
     with SandboxThread(tmp_path_factory.mktemp("sandbox")) as running:
         yield running
 
@@ -39,6 +44,8 @@ def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox
 @pytest.fixture
 def sandbox(shared_sandbox: SandboxThread) -> SandboxThread:
     """The session's sandbox, reset for this test."""
+    from sandbox.world import Sandbox
+
     shared_sandbox.run_sync(Sandbox.reset)
     return shared_sandbox
 
