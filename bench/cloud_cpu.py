@@ -1,0 +1,223 @@
+"""Cloud daemon CPU per provisioned gateway vs a plain aiobotocore loop making the same IoT calls.
+
+Run as part of ``python -m bench`` (the daemon's side is measured by :mod:`bench.fleet`, over
+its burst), or ``python -m bench.cloud_cpu [--quick] [--json]`` for the baseline alone.
+
+The baseline: a child process (``python -m bench.cloud_cpu bare ...``) with one aiobotocore IoT
+client against the same sandbox, doing for each of ``count`` CSRs, one after another, the four
+calls the daemon makes per gateway: CreateCertificateFromCsr (setAsActive), CreateThing,
+AttachThingPrincipal, AttachPolicy. It times its own CPU (``resource.getrusage``, all threads)
+around the loop only; client creation and one warm-up call are outside. IoT throttling is off
+for the baseline (it never waits), so nothing but the calls is counted.
+
+The figure ``cloud_cpu_vs_bare_calls`` = the daemon's CPU per provisioned gateway over the
+fleet burst (everything: Kinesis polling, CSR checks, the idempotency ledger, the AirVantage
+delivery and its follow-up, logging, metrics) ÷ the baseline's CPU per gateway. Goal ≤ 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from bench.fleet import bench_sandbox, quiet_logs
+from sandbox.world import Sandbox
+
+__all__ = ["BareResult", "main", "run_bare", "write_csrs"]
+
+GOAL = 1.5
+_POLICY = "ztp-bench-bare"
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_csrs(path: Path, count: int, *, prefix: str) -> list[str]:
+    """Make ``count`` EC P-256 CSRs (CN ``{prefix}{i}``), write them as a JSON list; return them."""
+    csrs = []
+    for index in range(count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}{index}")])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        csrs.append(csr.public_bytes(serialization.Encoding.PEM).decode())
+    path.write_text(json.dumps(csrs))
+    return csrs
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _bare_child(endpoint: str, region: str, csrs: Sequence[str], prefix: str) -> int:
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+    from botocore.exceptions import ClientError
+
+    # moto's fixed test credentials, as MotoSandbox.client_kwargs() gives them.
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    async with get_session().create_client(
+        "iot",
+        endpoint_url=endpoint,
+        region_name=region,
+        config=AioConfig(retries={"total_max_attempts": 1, "mode": "standard"}),
+        **credentials,
+    ) as iot:
+        try:
+            await iot.create_policy(
+                policyName=_POLICY,
+                policyDocument=json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}],
+                    }
+                ),
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceAlreadyExistsException":
+                raise
+        await iot.describe_endpoint(endpointType="iot:Data-ATS")  # warm-up, not counted
+        began_cpu, began = _cpu(), time.monotonic()
+        for index, csr in enumerate(csrs):
+            thing = f"{prefix}{index}"
+            created = await iot.create_certificate_from_csr(
+                certificateSigningRequest=csr, setAsActive=True
+            )
+            arn = created["certificateArn"]
+            await iot.create_thing(thingName=thing)
+            await iot.attach_thing_principal(thingName=thing, principal=arn)
+            await iot.attach_policy(policyName=_POLICY, target=arn)
+        cpu, wall = _cpu() - began_cpu, time.monotonic() - began
+    sys.stdout.write(json.dumps({"cpu_seconds": cpu, "wall_seconds": wall}) + "\n")
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class BareResult:
+    """The baseline's figures."""
+
+    count: int
+    cpu_ms_per_device: float
+    wall_ms_per_device: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures as JSON-ready data."""
+        return {
+            "bare_calls_devices": self.count,
+            "bare_calls_cpu_ms_per_device": round(self.cpu_ms_per_device, 2),
+            "bare_calls_wall_ms_per_device": round(self.wall_ms_per_device, 2),
+        }
+
+
+async def run_bare(
+    sandbox: Sandbox, work: Path, *, count: int, log: Callable[[str], None]
+) -> BareResult:
+    """Run the baseline loop in a child process against the sandbox's moto (throttling off).
+
+    Args:
+        sandbox: the running sandbox.
+        work: where the CSR file goes.
+        count: gateways' worth of calls.
+        log: progress lines.
+
+    Returns:
+        The baseline's CPU and wall time per gateway.
+
+    Raises:
+        RuntimeError: the child failed.
+    """
+    await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+    prefix = f"bare-{int(time.time() * 1000) % 10**8}-"
+    csrs_file = work / f"{prefix}csrs.json"
+    await asyncio.to_thread(write_csrs, csrs_file, count, prefix=prefix)
+    before = await sandbox.aws.config()
+    await sandbox.aws.configure(iot_throttling=False)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.cloud_cpu",
+            "bare",
+            "--endpoint",
+            sandbox.aws.endpoint_url,
+            "--region",
+            sandbox.aws.region,
+            "--csrs",
+            str(csrs_file),
+            "--prefix",
+            prefix,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=_PROJECT_ROOT,
+        )
+        stdout, stderr = await process.communicate()
+    finally:
+        await sandbox.aws.configure(iot_throttling=before.iot_throttling)
+    if process.returncode != 0:
+        msg = f"the bare-calls child failed ({process.returncode}): {stderr.decode()[-2000:]}"
+        raise RuntimeError(msg)
+    figures = json.loads(stdout)
+    result = BareResult(
+        count=count,
+        cpu_ms_per_device=figures["cpu_seconds"] / count * 1000,
+        wall_ms_per_device=figures["wall_seconds"] / count * 1000,
+    )
+    log(
+        f"bare aiobotocore loop: {result.cpu_ms_per_device:.2f} ms CPU, "
+        f"{result.wall_ms_per_device:.1f} ms wall per gateway ({count} gateways)"
+    )
+    return result
+
+
+async def _standalone(*, quick: bool, log: Callable[[str], None]) -> BareResult:
+    with tempfile.TemporaryDirectory(prefix="ztp-bench-cpu-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        async with bench_sandbox(work / "sandbox") as sandbox:
+            return await run_bare(sandbox, work, count=60 if quick else 300, log=log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.cloud_cpu [--quick] [--json]`` (and the child's ``bare`` mode).
+
+    Returns:
+        0.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bare"]:
+        child = argparse.ArgumentParser(prog="python -m bench.cloud_cpu bare")
+        child.add_argument("--endpoint", required=True)
+        child.add_argument("--region", required=True)
+        child.add_argument("--csrs", type=Path, required=True)
+        child.add_argument("--prefix", required=True)
+        options = child.parse_args(arguments[1:])
+        csrs: list[str] = json.loads(options.csrs.read_text())
+        return asyncio.run(_bare_child(options.endpoint, options.region, csrs, options.prefix))
+    parser = argparse.ArgumentParser(prog="python -m bench.cloud_cpu", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="60 gateways' calls, not 300")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    options = parser.parse_args(arguments)
+    quiet_logs()
+    started = time.monotonic()
+
+    def log(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    result = asyncio.run(_standalone(quick=options.quick, log=log))
+    print(json.dumps(result.to_json(), indent=None if options.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
