@@ -466,7 +466,6 @@ class Sandbox:
             SandboxUsageError: the sandbox is not running.
         """
         iot = self.iot_broker.address
-        assert iot.ca_file is not None  # the IoT broker is a TLS listener
         observer_cert, observer_key = self.iot_broker.observer_certificate()
         device = self.device_broker.address
         return SandboxDescription(
@@ -474,7 +473,9 @@ class Sandbox:
             aws_endpoint_url=self.aws.endpoint_url,
             region=self.aws.region,
             kinesis_stream=self._stream_name,
-            iot_mqtt=IotMqttAccess(iot.host, iot.port, iot.ca_file, observer_cert, observer_key),
+            iot_mqtt=IotMqttAccess(
+                iot.host, iot.port, self.pki.ca_file, observer_cert, observer_key
+            ),
             airvantage=AirVantageAccess(
                 api_url=self.emulator.api_url,
                 mqtt_host=device.host,
@@ -493,9 +494,9 @@ class Sandbox:
             msg = "the sandbox is already started"
             raise SandboxUsageError(msg)
         began = time.monotonic()
-        self._stack = contextlib.AsyncExitStack()
+        self._stack = stack = contextlib.AsyncExitStack()
         try:
-            await self._start()
+            await self._start(stack)
         except BaseExceptionGroup as group:
             await self._stop_shielded()
             raise _single(group) from None
@@ -518,7 +519,7 @@ class Sandbox:
     ) -> None:
         await self._stop_shielded()
 
-    async def _start(self) -> None:
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         directory = self._directory
         directory.mkdir(parents=True, exist_ok=True)
         # Key generation and file writes: off the loop, they would stall other tasks.
@@ -550,16 +551,15 @@ class Sandbox:
             redelivery_interval=self._redelivery_interval,
             on_register=self._on_register,
         )
-        assert self._stack is not None
         # One client for the sandbox's life: a new one costs ~0.2 s of model loading per reset.
-        self._kinesis = await self._stack.enter_async_context(
+        self._kinesis = await stack.enter_async_context(
             get_session().create_client("kinesis", **aws.client_kwargs())
         )
         async with asyncio.TaskGroup() as group:
             group.create_task(self._create_stream(), name="sandbox.start.kinesis-stream")
             # Entered in this task, not a child: the emulator's own TaskGroup belongs to the
             # task that enters it, and this one also exits it.
-            self._emulator = await self._stack.enter_async_context(emulator)
+            self._emulator = await stack.enter_async_context(emulator)
         self._started = True
         if self._device_count:
             await self.add_devices(self._device_count)
@@ -568,10 +568,13 @@ class Sandbox:
         """Create the connector's stream and wait until it is ACTIVE.
 
         Raises:
+            SandboxUsageError: the sandbox is not running.
             TransportError: moto refused or did not answer.
         """
         kinesis = self._kinesis
-        assert kinesis is not None
+        if kinesis is None:
+            msg = "the sandbox is not running (no Kinesis client)"
+            raise SandboxUsageError(msg)
         try:
             await kinesis.create_stream(
                 StreamName=self._stream_name, ShardCount=self._stream_shards
@@ -802,9 +805,11 @@ class SandboxThread:
         Raises:
             SandboxUsageError: not running.
         """
-        sandbox = self.sandbox
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(work(sandbox), self._loop)
+        sandbox, loop = self.sandbox, self._loop
+        if loop is None:
+            msg = "the sandbox thread is not running"
+            raise SandboxUsageError(msg)
+        return asyncio.run_coroutine_threadsafe(work(sandbox), loop)
 
     async def run(self, work: Callable[[Sandbox], Coroutine[Any, Any, T]]) -> T:
         """Run ``work(sandbox)`` on the sandbox's loop and await its result from this loop."""
