@@ -303,12 +303,36 @@ async def serve_up(
         description_file.unlink(missing_ok=True)
 
 
+def _claim(pid_file: Path) -> int | None:
+    """Create the pid file with our pid; return the pid of a live sandbox holding it instead.
+
+    Created exclusively, so of two ``up`` started together on one directory only one runs. A
+    pid file left by a process that is gone (SIGKILL) is taken over.
+    """
+    for _ in range(2):
+        try:
+            fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_pid(pid_file)
+            if holder is not None and _is_sandbox(holder):
+                return holder
+            pid_file.unlink(missing_ok=True)
+            continue
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        return None
+    return _read_pid(pid_file) or -1
+
+
 def _up(args: argparse.Namespace, out: TextIO) -> int:
     directory: Path = args.dir.absolute()
     directory.mkdir(parents=True, exist_ok=True)
     pid_file = directory / PID_FILE
-    running = _read_pid(pid_file)
-    if running is not None and _is_sandbox(running):
+    # Claimed before anything starts, so 'down' also stops a sandbox still starting.
+    running = _claim(pid_file)
+    if running is not None:
         print(f"ztp-sandbox: already running in {directory} (pid {running})", file=sys.stderr)
         return EXIT_FAILED
     with (directory / LOG_FILE).open("a", encoding="utf-8") as log_stream:
@@ -319,8 +343,6 @@ def _up(args: argparse.Namespace, out: TextIO) -> int:
             level=args.log_level,
             stream=log_stream,
         )
-        # Written before anything starts, so 'down' also stops a sandbox still starting.
-        _write_atomic(pid_file, f"{os.getpid()}\n", 0o644)
         try:
             return asyncio.run(_up_main(args, directory, out))
         finally:

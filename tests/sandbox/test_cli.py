@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import ssl
+import subprocess
 import sys
 import time
 import uuid
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sandbox.__main__ import DESCRIPTION_FILE, PID_FILE, build_parser
+from sandbox.__main__ import DESCRIPTION_FILE, PID_FILE, _claim, build_parser
 from sandbox.airvantage import Faults
 from sandbox.errors import BrokerStartError, SandboxUsageError
 from sandbox.moto_fidelity import FidelityConfig
@@ -377,6 +378,33 @@ async def test_help_down_without_sandbox_and_bad_arguments(tmp_path: Path) -> No
     assert "whitespace" in err
     assert processes_of(spaced) == {}
     assert not (spaced / PID_FILE).exists()
+
+
+def test_pid_file_is_claimed_once_and_a_stale_one_taken_over(tmp_path: Path) -> None:
+    pid_file = tmp_path / PID_FILE
+    assert _claim(pid_file) is None
+    assert int(pid_file.read_text()) == os.getpid()
+    # A pid file naming no live sandbox (here: this test process) is taken over.
+    pid_file.write_text("999999999\n")
+    assert _claim(pid_file) is None
+    assert int(pid_file.read_text()) == os.getpid()
+    # One naming a live sandbox process is not.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "ztp-sandbox", "up"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        # Popen returns before the kernel has set the new command line: wait for it.
+        deadline = time.monotonic() + 5
+        while "ztp-sandbox" not in Path(f"/proc/{holder.pid}/cmdline").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        pid_file.write_text(f"{holder.pid}\n")
+        assert _claim(pid_file) == holder.pid
+        assert int(pid_file.read_text()) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_parser_reads_what_the_help_says() -> None:
