@@ -294,6 +294,13 @@ async def test_up_json_reaches_every_endpoint_and_down_leaves_no_process(tmp_pat
         assert processes_of(directory) == {}
         assert not (directory / PID_FILE).exists()
         assert not description_file.exists()
+        # No secret reached a log: the sandbox's own, moto's or the brokers'.
+        logs = {path: path.read_text() for path in directory.rglob("*.log")}
+        assert directory / "sandbox.log" in logs
+        assert "sandbox.started" in logs[directory / "sandbox.log"]
+        secrets = [airvantage["client_secret"], *(d["password"] for d in described["devices"])]
+        for path, text in logs.items():
+            assert not [secret for secret in secrets if secret in text], path
     finally:
         await stop_everything(up, directory)
 
