@@ -41,7 +41,6 @@ from shared.airvantage import IncomingCommunication, parse_envelope
 from shared.fragments import Completed, Reassembler
 from shared.messages import (
     DELIVER_COMMAND,
-    REQUEST_PATH,
     STATUS_PATH,
     CertificateDelivery,
     CertificateRequest,
@@ -78,10 +77,10 @@ OTHER_COMMAND = "ztp.reboot"
 
 
 def ztp_model() -> ApplicationModel:
-    """The project's model, plus the paths the device daemon publishes and one more command.
+    """The project's model plus one unknown command and one setting, for the refusal tests.
 
-    The shipped ``sandbox/ztp.app.json`` does not declare ``ztp.request`` (the request path of
-    ``shared.messages``), so its connector would drop every request.
+    The daemon must refuse a command it does not know and a settings write with an ERROR ack;
+    the shipped model declares neither, so AirVantage (and the emulator) would not send them.
     """
     base = ApplicationModel.load()
     commands = dict(base.commands)
@@ -91,8 +90,8 @@ def ztp_model() -> ApplicationModel:
     commands.update(extra.commands)
     return ApplicationModel(
         app_type=base.app_type,
-        variables=base.variables | {REQUEST_PATH, STATUS_PATH},
-        settings=base.settings,
+        variables=base.variables,
+        settings=base.settings | {"/ztp/ztp/endpoint"},
         commands=commands,
     )
 
