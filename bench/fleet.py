@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -55,6 +57,7 @@ __all__ = [
     "DeviceFleet",
     "FleetResult",
     "bench_sandbox",
+    "cloud_timeline",
     "main",
     "quiet_logs",
     "run_fleet",
@@ -349,11 +352,14 @@ class CloudDaemon:
     Args:
         sandbox: the running sandbox.
         directory: its store and log.
+        profile: run it under cProfile, writing the statistics here when it exits (CPU
+            figures of such a run are inflated by the profiler: use it to see where time goes).
     """
 
-    def __init__(self, sandbox: Sandbox, directory: Path) -> None:
+    def __init__(self, sandbox: Sandbox, directory: Path, *, profile: Path | None = None) -> None:
         self._sandbox = sandbox
         self._directory = directory
+        self._profile = profile
         self._process: asyncio.subprocess.Process | None = None
         self._log: Any = None
         self.port = 0
@@ -387,8 +393,10 @@ class CloudDaemon:
             "ZTP_CLOUD_IOT_TPS": f"{IOT_TPS:g}",
         }
         self._log = (self._directory / "cloud.log").open("ab")
+        profiler = [] if self._profile is None else ["-m", "cProfile", "-o", str(self._profile)]
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
+            *profiler,
             "-m",
             "cloud_daemon",
             "run",
@@ -429,6 +437,22 @@ class CloudDaemon:
     def cpu_seconds(self) -> float:
         """CPU seconds the daemon has used so far."""
         return cpu_seconds(self.pid)
+
+    def events(self, since: float) -> list[dict[str, Any]]:
+        """The daemon's JSON log events logged at or after ``since`` (epoch seconds)."""
+        self._log.flush()
+        found = []
+        with (self._directory / "cloud.log").open("rb") as lines:
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                    moment = dt.datetime.fromisoformat(event["timestamp"]).timestamp()
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if moment >= since:
+                    event["at"] = moment
+                    found.append(event)
+        return found
 
     async def metric(self, name: str) -> float:
         """The sum of a counter's samples in ``/metrics``."""
@@ -476,6 +500,56 @@ async def bench_sandbox(directory: Path) -> Any:
 # The benchmark
 
 
+def cloud_timeline(
+    events: Sequence[Mapping[str, Any]], *, began: float, ended: float
+) -> dict[str, float | None]:
+    """Where the cloud daemon's time per gateway goes, from its own log events.
+
+    The handler works through a shard's records one at a time: the period between two
+    certificates minted bounds the fleet's rate. It splits into the AirVantage delivery of one
+    gateway (``issuance.minted`` → ``airvantage.delivery_sent``) and what comes before the next
+    one is minted (``airvantage.delivery_sent`` → next ``issuance.minted``: reading and checking
+    the next request, the ledger, the four rate-limited IoT calls).
+
+    The wall time splits into: until the first certificate is minted, the minting span (first
+    to last), and the tail (last minted to the last gateway provisioned); stalls are periods
+    over 0.5 s between two mintings (a throttled call's backoff, a retried record).
+
+    Args:
+        events: the daemon's log events with an ``at`` epoch time, in order.
+        began: the burst's start (epoch seconds).
+        ended: the last gateway's ``provisioned`` (epoch seconds).
+
+    Returns:
+        Medians in milliseconds and the split in seconds (None when too few events).
+    """
+    minted = [e["at"] for e in events if e.get("event") == "issuance.minted"]
+    sent = [e["at"] for e in events if e.get("event") == "airvantage.delivery_sent"]
+    periods = [b - a for a, b in itertools.pairwise(minted)]
+    delivery = [s - m for m, s in zip(minted, sent, strict=False) if s >= m]
+    before_next = [m - s for s, m in zip(sent, minted[1:], strict=False) if m >= s]
+
+    def ms(values: Sequence[float]) -> float | None:
+        return round(median(values) * 1000, 1) if values else None
+
+    stalls = [p for p in periods if p > 0.5]
+    return {
+        "cloud_first_minted_s": round(minted[0] - began, 2) if minted else None,
+        "cloud_minting_span_s": round(minted[-1] - minted[0], 2) if minted else None,
+        "cloud_tail_s": round(ended - minted[-1], 2) if minted else None,
+        "cloud_mean_period_ms": (
+            round((minted[-1] - minted[0]) / (len(minted) - 1) * 1000, 1)
+            if len(minted) > 1
+            else None
+        ),
+        "cloud_stalls": len(stalls),
+        "cloud_stall_s": round(sum(stalls), 2),
+        "cloud_period_ms": ms(periods),
+        "cloud_delivery_ms": ms(delivery),
+        "cloud_until_next_minted_ms": ms(before_next),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class FleetResult:
     """The fleet burst's figures."""
@@ -493,6 +567,7 @@ class FleetResult:
     cloud_cpu_ms_per_device: float
     device_cpu_ms_per_device: float
     iot_throttled: float
+    timeline: Mapping[str, float | None]
 
     def to_json(self) -> dict[str, Any]:
         """The figures as JSON-ready data."""
@@ -510,6 +585,7 @@ class FleetResult:
             "cloud_cpu_ms_per_device": round(self.cloud_cpu_ms_per_device, 2),
             "fleet_device_cpu_ms_per_device": round(self.device_cpu_ms_per_device, 2),
             "fleet_iot_throttled": self.iot_throttled,
+            **{f"fleet_{k}": v for k, v in self.timeline.items()},
         }
 
 
@@ -558,11 +634,15 @@ async def run_fleet(
         cloud_cpu_ms_per_device=cpu / max(1, provisioned) * 1000,
         device_cpu_ms_per_device=burst.device_cpu_seconds / max(1, provisioned) * 1000,
         iot_throttled=throttled,
+        timeline=cloud_timeline(
+            cloud.events(burst.began), began=burst.began, ended=burst.began + wall
+        ),
     )
     log(
         f"fleet: {provisioned}/{devices} provisioned in {wall:.2f} s "
         f"(ratio {result.fleet_quota_ratio:.3f}), cloud CPU {result.cloud_cpu_ms_per_device:.1f}"
-        f" ms/gateway, {throttled:g} IoT throttles"
+        f" ms/gateway, {throttled:g} IoT throttles; cloud period per gateway "
+        f"{result.timeline['cloud_period_ms']} ms (quota: {1000 / IOT_TPS:.1f} ms)"
     )
     return result
 
