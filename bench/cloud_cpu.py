@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import pstats
 import resource
 import sys
 import tempfile
@@ -34,10 +36,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bench.fleet import bench_sandbox, quiet_logs
+from bench.fleet import CloudDaemon, DeviceFleet, bench_sandbox, quiet_logs, run_fleet
 from sandbox.world import Sandbox
 
-__all__ = ["BareResult", "main", "run_bare", "write_csrs"]
+__all__ = ["BareResult", "main", "profile_cloud", "profile_summary", "run_bare", "write_csrs"]
 
 GOAL = 1.5
 _POLICY = "ztp-bench-bare"
@@ -181,11 +183,124 @@ async def run_bare(
     return result
 
 
+#: Where a function's own time is booked, by the first matching fragment of its file or name.
+_AREAS = (
+    ("botocore", "AWS SDK (botocore, aiobotocore)"),
+    ("aiohttp", "aiohttp (HTTP: AWS and AirVantage)"),
+    ("multidict", "aiohttp (HTTP: AWS and AirVantage)"),
+    ("yarl", "aiohttp (HTTP: AWS and AirVantage)"),
+    ("sqlite3", "SQLite (ledger, leases)"),
+    ("cryptography", "cryptography (CSR checks)"),
+    ("structlog", "logging (structlog)"),
+    ("/logging/", "logging (structlog)"),
+    ("prometheus_client", "metrics"),
+    ("json", "JSON"),
+    ("ssl", "TLS"),
+    ("select.epoll", "event loop (epoll, sockets)"),
+    ("selectors", "event loop (epoll, sockets)"),
+    ("socket", "event loop (epoll, sockets)"),
+    ("asyncio", "event loop (epoll, sockets)"),
+    ("cloud_daemon/", "cloud_daemon (ours)"),
+    ("shared/", "shared (ours)"),
+    ("importlib", "imports and start-up"),
+    ("<frozen", "imports and start-up"),
+)
+
+
+def _area(filename: str, function: str) -> str:
+    where = f"{filename} {function}"
+    for fragment, area in _AREAS:
+        if fragment in where:
+            return area
+    return "other"
+
+
+def profile_summary(path: Path, *, top: int = 10) -> dict[str, Any]:
+    """Book a cProfile run's own time (tottime) by area, and list the costliest functions.
+
+    Builtins are booked to their callers' areas.
+
+    Args:
+        path: the statistics file (``python -m cProfile -o``).
+        top: how many functions to list.
+
+    Returns:
+        ``{"total_seconds", "areas": {area: seconds}, "functions": [[name, seconds], ...]}``.
+    """
+    stats = pstats.Stats(str(path))
+    table: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]  # pstats keeps its table untyped
+    areas: dict[str, float] = {}
+    functions: list[tuple[float, str]] = []
+    for (filename, line, function), (_, _, own, _, callers) in table.items():
+        if filename == "~" and callers:
+            # A builtin (str.join, isinstance...) is booked to the areas of its callers, by the
+            # time it took for each of them: 'str.join' alone says nothing of who paid it.
+            for (caller_file, _, caller_function), timing in callers.items():
+                area = _area(caller_file, caller_function)
+                areas[area] = areas.get(area, 0.0) + timing[2]
+        else:
+            area = _area(filename, function)
+            areas[area] = areas.get(area, 0.0) + own
+        short = "/".join(Path(filename).parts[-2:])
+        functions.append((own, f"{short}:{line} {function}"))
+    total = sum(areas.values())
+    functions.sort(reverse=True)
+    return {
+        "total_seconds": round(total, 2),
+        "areas": {
+            area: round(seconds, 2)
+            for area, seconds in sorted(areas.items(), key=lambda item: -item[1])
+        },
+        "functions": [[name, round(seconds, 3)] for seconds, name in functions[:top]],
+    }
+
+
+async def profile_cloud(work: Path, *, devices: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """A fleet burst with ``ztp-cloud`` under cProfile (a run of its own: the profiler inflates
+    CPU), summarised by area.
+
+    Args:
+        work: a scratch directory.
+        devices: gateways in the burst.
+        log: progress lines.
+
+    Returns:
+        What :func:`profile_summary` returns, plus ``devices`` and ``ms_per_device`` by area.
+    """
+    stats = work / "cloud.prof"
+    async with (
+        bench_sandbox(work / "sandbox") as sandbox,
+        CloudDaemon(sandbox, work / "cloud", profile=stats) as cloud,
+        DeviceFleet(sandbox, work / "devices") as fleet,
+    ):
+        await run_fleet(sandbox, cloud, fleet, devices=devices, log=log)
+    summary = await asyncio.to_thread(profile_summary, stats)
+    summary["devices"] = devices
+    summary["ms_per_device"] = {
+        area: round(seconds / devices * 1000, 2) for area, seconds in summary["areas"].items()
+    }
+    log(f"cloud profile ({devices} gateways, whole run incl. start-up): {summary['areas']}")
+    return summary
+
+
 async def _standalone(*, quick: bool, log: Callable[[str], None]) -> BareResult:
     with tempfile.TemporaryDirectory(prefix="ztp-bench-cpu-", dir="/tmp") as tmp:
         work = Path(tmp)
         async with bench_sandbox(work / "sandbox") as sandbox:
             return await run_bare(sandbox, work, count=60 if quick else 300, log=log)
+
+
+def _profiled_cloud(out: Path) -> int:
+    """``ztp-cloud run`` under cProfile timed by this process's CPU time (all threads)."""
+    from cloud_daemon.__main__ import main as cloud_main
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        return cloud_main(["run"])
+    finally:
+        profiler.disable()
+        profiler.dump_stats(str(out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         0.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["profiled-cloud"]:
+        child = argparse.ArgumentParser(prog="python -m bench.cloud_cpu profiled-cloud")
+        child.add_argument("--out", type=Path, required=True)
+        options = child.parse_args(arguments[1:])
+        return _profiled_cloud(options.out)
     if arguments[:1] == ["bare"]:
         child = argparse.ArgumentParser(prog="python -m bench.cloud_cpu bare")
         child.add_argument("--endpoint", required=True)
@@ -207,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cloud_cpu", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="60 gateways' calls, not 300")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile ztp-cloud over N gateways"
+    )
     options = parser.parse_args(arguments)
     quiet_logs()
     started = time.monotonic()
@@ -214,6 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
 
+    if options.profile:
+        with tempfile.TemporaryDirectory(prefix="ztp-bench-prof-", dir="/tmp") as tmp:
+            profile = asyncio.run(profile_cloud(Path(tmp), devices=options.profile, log=log))
+        print(json.dumps(profile, indent=None if options.json else 2))
+        return 0
     result = asyncio.run(_standalone(quick=options.quick, log=log))
     print(json.dumps(result.to_json(), indent=None if options.json else 2))
     return 0
