@@ -34,7 +34,7 @@ from typing import Any, Final
 from bench import kinesis as kinesis_bench
 from bench import outbox as outbox_bench
 from bench.cloud_cpu import GOAL as CPU_GOAL
-from bench.cloud_cpu import run_bare
+from bench.cloud_cpu import profile_cloud, run_bare
 from bench.fleet import CloudDaemon, DeviceFleet, bench_sandbox, quiet_logs, run_fleet
 from bench.single import P50_GOAL, P99_GOAL, run_single
 
@@ -60,6 +60,7 @@ class _Plan:
     fleet_devices: int
     single_runs: int
     bare_devices: int
+    profile_devices: int
     outbox: Mapping[str, int]
     kinesis: kinesis_bench.Plan
 
@@ -70,6 +71,7 @@ class _Plan:
                 fleet_devices=60,
                 single_runs=20,
                 bare_devices=60,
+                profile_devices=0,
                 outbox={"count": 5000, "repetitions": 3, "memory_runs": 1},
                 # Lighter than bench.kinesis's own quick plan, to keep the suite under a minute.
                 kinesis=kinesis_bench.Plan(
@@ -80,6 +82,7 @@ class _Plan:
             fleet_devices=1000,
             single_runs=50,
             bare_devices=300,
+            profile_devices=200,
             outbox={"count": 20000, "repetitions": 5, "memory_runs": 3},
             kinesis=kinesis_bench.Plan.of(quick=False),
         )
@@ -110,6 +113,11 @@ async def _provisioning(plan: _Plan, log: Callable[[str], None]) -> dict[str, An
     figures["cloud_cpu_vs_bare_calls"] = _ratio(
         burst.cloud_cpu_ms_per_device, bare.cpu_ms_per_device
     )
+    if plan.profile_devices:
+        with tempfile.TemporaryDirectory(prefix="ztp-bench-prof-", dir="/tmp") as tmp:
+            figures["cloud_profile"] = await profile_cloud(
+                Path(tmp), devices=plan.profile_devices, log=log
+            )
     return figures
 
 
@@ -239,6 +247,25 @@ def render_markdown(figures: Mapping[str, Any], *, command: str, machine: Mappin
         f" messages/s raw; RSS {outbox.get('rss_mib')} MiB vs "
         f"{outbox.get('import_floor_rss_mib')} MiB import floor."
     )
+    profile = figures.get("cloud_profile")
+    if profile:
+        areas = ", ".join(f"{area} {ms}" for area, ms in profile["ms_per_device"].items())
+        lines.append(
+            f"- ztp-cloud profile (cProfile timed by CPU, {profile['devices']} gateways, "
+            f"whole run with start-up; the profiler inflates every figure alike), ms per "
+            f"gateway by area: {areas}."
+        )
+    lines.append(
+        f"- cloud timeline over the burst: first certificate minted after "
+        f"{figures.get('fleet_cloud_first_minted_s')} s, minting span "
+        f"{figures.get('fleet_cloud_minting_span_s')} s, tail "
+        f"{figures.get('fleet_cloud_tail_s')} s; period per gateway mean "
+        f"{figures.get('fleet_cloud_mean_period_ms')} ms, median "
+        f"{figures.get('fleet_cloud_period_ms')} ms (quota 66.7 ms), of which the AirVantage "
+        f"delivery {figures.get('fleet_cloud_delivery_ms')} ms; "
+        f"{figures.get('fleet_cloud_stalls')} stalls over 0.5 s adding up to "
+        f"{figures.get('fleet_cloud_stall_s')} s."
+    )
     kinesis = figures.get("kinesis") or {}
     lines.append(
         f"- kinesis (1 shard): ours {kinesis.get('kinesis_records_per_s')}, bare loop "
@@ -249,6 +276,31 @@ def render_markdown(figures: Mapping[str, Any], *, command: str, machine: Mappin
         f"{kinesis.get('keeps_up_1000_per_s')}."
     )
     return "\n".join(lines) + "\n"
+
+
+_INTRO: Final = """\
+# Benchmarks
+
+`python -m bench [--quick] [--json] [--write BENCHMARKS.md]` (`make bench` runs it in full).
+Every figure is a ratio or a latency measured side by side in one run on this machine, all on
+loopback against the sandbox (mosquitto, moto, the AirVantage emulator); what each one compares
+is in the docstrings of `bench/fleet.py`, `bench/single.py`, `bench/cloud_cpu.py`,
+`bench/outbox.py` and `bench/kinesis.py`. The part above the analysis is written by the run.
+
+"""
+
+#: Where the hand-written analysis starts; a new run keeps it and rewrites what is above.
+ANALYSIS_HEADING: Final = "## Analysis"
+
+
+def _write_report(path: Path, markdown: str) -> None:
+    try:
+        existing = path.read_text()
+    except FileNotFoundError:
+        existing = ""
+    kept = existing[existing.index(ANALYSIS_HEADING) :] if ANALYSIS_HEADING in existing else ""
+    text = _INTRO + "## Figures\n\n" + markdown + ("\n" + kept if kept else "")
+    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench" + (" --quick" if options.quick else "")
     markdown = render_markdown(figures, command=command, machine=machine)
     if options.write is not None:
-        options.write.write_text(markdown)
+        _write_report(options.write, markdown)
     if options.json:
         print(json.dumps(figures))
     else:
