@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -68,12 +70,7 @@ class FakeSystemd:
         return data.decode()
 
     def drain(self) -> list[str]:
-        messages = []
-        while True:
-            try:
-                messages.append(self.sock.recv(8192, socket.MSG_DONTWAIT).decode())
-            except BlockingIOError:
-                return messages
+        return [datagram.decode() for datagram in _drain_socket(self.sock)]
 
 
 def _bound(address: str | bytes) -> socket.socket:
@@ -486,12 +483,24 @@ async def test_daemon_process_reports_ready_status_watchdog_then_stopping(
     config = tmp_path / "ztp.toml"
     config.write_text(_config_text(device_broker, serial, tmp_path / "state", first=60.0))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZTP_", "WATCHDOG_"))}
+    # The daemon logs to "syslog" too: a datagram socket of the test's, in place of /dev/log.
+    syslog = _bound(str(systemd_dir(systemd) / "log"))
     env.update(
         systemd.env(),
         WATCHDOG_USEC="2000000",  # pings every second
         ZTP_AIRVANTAGE_PASSWORD=password,
+        ZTP_LOG_DESTINATION="syslog",
+        ZTP_LOG_SYSLOG_ADDRESS=syslog.getsockname(),
     )
     stderr = tmp_path / "stderr.log"
+    datagrams: list[bytes] = []
+
+    async def read_syslog() -> None:
+        # Read as syslogd does: a reader that stops would block the daemon's logging.
+        while True:
+            datagrams.append(await asyncio.get_running_loop().sock_recv(syslog, 65536))
+
+    reader = asyncio.create_task(read_syslog(), name="test.syslog")
     with stderr.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ztp_daemon", "run", "--config", str(config),
@@ -513,6 +522,11 @@ async def test_daemon_process_reports_ready_status_watchdog_then_stopping(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            datagrams += _drain_socket(syslog)
+            syslog.close()
     assert code == 0, stderr.read_text()
     kinds = [next(iter(m)) for m in messages]  # READY, STATUS, WATCHDOG or STOPPING first
     ready = kinds.index("READY")
@@ -524,6 +538,29 @@ async def test_daemon_process_reports_ready_status_watchdog_then_stopping(
     assert any("request_sent" in s for s in statuses), statuses
     assert messages[-1] == {"STOPPING": "1"}
     assert password not in stderr.read_text()
+    # journalctl -t ztp and logread | grep ztp: every line is tagged ztp[<pid>], facility daemon.
+    lines = [datagram.decode() for datagram in datagrams]
+    assert lines, "nothing reached syslog"
+    tag = re.compile(rf"<(\d+)>ztp\[{process.pid}\]: ")
+    for line in lines:
+        found = tag.match(line)
+        assert found is not None, line
+        assert int(found.group(1)) // 8 == 3, "LOG_DAEMON"
+        assert password not in line
+    assert any("event=provisioning.state" in line for line in lines)
+
+
+def systemd_dir(systemd: FakeSystemd) -> Path:
+    return Path(systemd.env_value).parent
+
+
+def _drain_socket(sock: socket.socket) -> list[bytes]:
+    datagrams = []
+    while True:
+        try:
+            datagrams.append(sock.recv(65536))
+        except BlockingIOError:
+            return datagrams
 
 
 class _WedgingStateFile(StateFile):
