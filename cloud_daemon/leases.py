@@ -23,15 +23,13 @@ Botocore exceptions are translated here, once, by :func:`aws_errors` (the Kinesi
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import botocore.exceptions
 
@@ -45,6 +43,7 @@ from cloud_daemon.errors import (
     ThrottledError,
 )
 from cloud_daemon.lineage import Lease
+from cloud_daemon.sqlite_thread import SqliteThread
 from shared.errors import DecodeError
 
 __all__ = [
@@ -56,8 +55,6 @@ __all__ = [
     "aws_errors",
     "create_lease_table",
 ]
-
-_T = TypeVar("_T")
 
 _THROTTLE_CODES = frozenset(
     {
@@ -271,10 +268,9 @@ def _row_to_lease(row: tuple[Any, ...]) -> Lease:
 class SqliteLeaseStore(LeaseStore):
     """Leases and checkpoints in a local SQLite file: the default for a single instance.
 
-    Every call is one short statement in its own transaction. They run on a private
-    one-thread executor rather than on the event loop: a commit is usually microseconds in WAL
-    mode, but a WAL checkpoint or a slow disk can block for milliseconds, which would stall
-    every shard's reads; one thread also satisfies sqlite3's one-connection-per-thread rule.
+    Every call is one short statement in its own transaction, on the store's own database
+    thread (:class:`~cloud_daemon.sqlite_thread.SqliteThread`): a slow commit never stalls the
+    event loop.
 
     Use as an async context manager: ``async with SqliteLeaseStore(path) as store: ...``.
     """
@@ -283,27 +279,16 @@ class SqliteLeaseStore(LeaseStore):
         """Args:
         path: the database file (created with its table when missing).
         """
-        self._path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    async def _call(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._executor is None or self._conn is None:
-            raise RuntimeError("SqliteLeaseStore used outside 'async with'")
-        conn = self._conn
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: func(conn))
+        self._db = SqliteThread(
+            path,
+            schema=_SCHEMA,
+            synchronous="NORMAL",
+            thread_name="ztp-leases",
+            owner="SqliteLeaseStore",
+        )
 
     async def __aenter__(self) -> Self:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztp-leases")
-
-        def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(self._path, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_SCHEMA)
-            return conn
-
-        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        await self._db.__aenter__()
         return self
 
     async def __aexit__(
@@ -312,17 +297,10 @@ class SqliteLeaseStore(LeaseStore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._conn is not None and self._executor is not None:
-            await asyncio.shield(
-                asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-            )
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-        self._conn = None
-        self._executor = None
+        await self._db.__aexit__(exc_type, exc, tb)
 
     async def list_leases(self) -> dict[str, Lease]:
-        rows = await self._call(lambda c: c.execute(_SELECT).fetchall())
+        rows = await self._db.call(lambda c: c.execute(_SELECT).fetchall())
         return {row[0]: _row_to_lease(row) for row in rows}
 
     @staticmethod
@@ -358,7 +336,7 @@ class SqliteLeaseStore(LeaseStore):
                     )
                 return self._fetch(conn, shard_id) if cur.rowcount == 1 else None
 
-        lease = await self._call(run)
+        lease = await self._db.call(run)
         if lease is None:
             raise LeaseTakenError(shard_id, owner, f"counter moved from {expected_counter}")
         return lease
@@ -370,7 +348,7 @@ class SqliteLeaseStore(LeaseStore):
             with conn:
                 return conn.execute(sql, (*args, shard_id, owner)).rowcount
 
-        if await self._call(run) != 1:
+        if await self._db.call(run) != 1:
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
 
     async def renew(self, shard_id: str, *, owner: str, now: float, duration: float) -> Lease:
@@ -383,7 +361,7 @@ class SqliteLeaseStore(LeaseStore):
                 )
                 return self._fetch(conn, shard_id) if cur.rowcount == 1 else None
 
-        lease = await self._call(run)
+        lease = await self._db.call(run)
         if lease is None:
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
         return lease
@@ -397,7 +375,7 @@ class SqliteLeaseStore(LeaseStore):
         )
 
     async def get_checkpoint(self, shard_id: str) -> int | None:
-        row = await self._call(
+        row = await self._db.call(
             lambda c: c.execute(
                 "SELECT checkpoint FROM leases WHERE shard_id = ?", (shard_id,)
             ).fetchone()

@@ -42,20 +42,19 @@ tests of code above the ledger. Times are wall-clock seconds passed in by the ca
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import re
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self
 
 from cloud_daemon.errors import AwsServiceError, LedgerConflictError
 from cloud_daemon.leases import aws_errors
+from cloud_daemon.sqlite_thread import SqliteThread
 from shared.errors import DecodeError, UsageError
 
 __all__ = [
@@ -69,7 +68,6 @@ __all__ = [
     "create_ledger_table",
 ]
 
-_T = TypeVar("_T")
 _KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
 _THING_RE: Final = re.compile(r"[A-Za-z0-9:_-]{1,128}")
 
@@ -427,8 +425,8 @@ def _entry_values(entry: LedgerEntry) -> tuple[Any, ...]:
 class SqliteLedger(IssuanceLedger):
     """Issuances in a local SQLite file: the default for a single instance.
 
-    Each call is one short transaction on a private one-thread executor, as in
-    :class:`~cloud_daemon.leases.SqliteLeaseStore`: a slow commit never stalls the event loop.
+    Each call is one short transaction on the ledger's own database thread
+    (:class:`~cloud_daemon.sqlite_thread.SqliteThread`): a slow commit never stalls the event loop.
 
     Use as an async context manager: ``async with SqliteLedger(path) as ledger: ...``.
     """
@@ -437,29 +435,18 @@ class SqliteLedger(IssuanceLedger):
         """Args:
         path: the database file (created with its table when missing).
         """
-        self._path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    async def _call(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._executor is None or self._conn is None:
-            raise UsageError("SqliteLedger used outside 'async with'")
-        conn = self._conn
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: func(conn))
+        # FULL: a minted certificate recorded must survive a power cut, or the next delivery
+        # mints a duplicate.
+        self._db = SqliteThread(
+            path,
+            schema=_SCHEMA,
+            synchronous="FULL",
+            thread_name="ztp-ledger",
+            owner="SqliteLedger",
+        )
 
     async def __aenter__(self) -> Self:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztp-ledger")
-
-        def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(self._path, check_same_thread=False)
-            # FULL: a minted certificate recorded must survive a power cut, or the next
-            # delivery mints a duplicate.
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
-            return conn
-
-        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        await self._db.__aenter__()
         return self
 
     async def __aexit__(
@@ -468,17 +455,10 @@ class SqliteLedger(IssuanceLedger):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._conn is not None and self._executor is not None:
-            await asyncio.shield(
-                asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-            )
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-        self._conn = None
-        self._executor = None
+        await self._db.__aexit__(exc_type, exc, tb)
 
     async def get(self, thing_name: str, key_sha256: str) -> LedgerEntry | None:
-        row = await self._call(
+        row = await self._db.call(
             lambda c: c.execute(
                 f"{_SELECT} WHERE thing_name = ? AND key_sha256 = ?", (thing_name, key_sha256)
             ).fetchone()
@@ -486,7 +466,7 @@ class SqliteLedger(IssuanceLedger):
         return None if row is None else _row_to_entry(row)
 
     async def entries_for_thing(self, thing_name: str) -> list[LedgerEntry]:
-        rows = await self._call(
+        rows = await self._db.call(
             lambda c: c.execute(
                 f"{_SELECT} WHERE thing_name = ? ORDER BY updated_at", (thing_name,)
             ).fetchall()
@@ -504,7 +484,7 @@ class SqliteLedger(IssuanceLedger):
             with conn:
                 return conn.execute(sql, _entry_values(entry)).rowcount == 1
 
-        return await self._call(run)
+        return await self._db.call(run)
 
     async def _replace(
         self, entry: LedgerEntry, *, states: frozenset[IssuanceState], attempt: int | None
@@ -525,7 +505,7 @@ class SqliteLedger(IssuanceLedger):
             with conn:
                 return conn.execute(sql, args).rowcount == 1
 
-        return await self._call(run)
+        return await self._db.call(run)
 
     async def _delete_intent(self, entry: LedgerEntry) -> bool:
         args = (entry.thing_name, entry.key_sha256, IssuanceState.INTENT.value, entry.attempt)
@@ -539,7 +519,7 @@ class SqliteLedger(IssuanceLedger):
                 )
                 return cur.rowcount == 1
 
-        return await self._call(run)
+        return await self._db.call(run)
 
 
 # --- DynamoDB -------------------------------------------------------------------------------

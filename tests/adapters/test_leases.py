@@ -22,6 +22,7 @@ from cloud_daemon.leases import (
     SqliteLeaseStore,
     create_lease_table,
 )
+from shared.errors import UsageError
 from tests.adapters import kinesis_fixtures as kf
 
 NOW = 1_800_000_000.0
@@ -157,7 +158,7 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
 
 async def test_sqlite_store_refuses_use_outside_its_context(tmp_path: Path) -> None:
     store = SqliteLeaseStore(tmp_path / "x.sqlite3")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UsageError):
         await store.list_leases()
 
 
