@@ -146,6 +146,20 @@ def test_files_user_and_logs(unit: Unit) -> None:
     assert EXEC_START.endswith("/etc/ztp/ztp.toml")  # inside ConfigurationDirectory=ztp
 
 
+def test_ingestion_socket_lives_in_the_runtime_directory(unit: Unit) -> None:
+    # /run is read-only under ProtectSystem=strict but for RuntimeDirectory=; the group may
+    # traverse it (0750) to reach the 0660 socket, the world may not.
+    assert one(unit, "Service", "RuntimeDirectory") == "ztp"
+    assert one(unit, "Service", "RuntimeDirectoryMode") == "0750"
+    assert one(unit, "Service", "Group") == "ztp-ingest"
+    environment = dict(
+        item.split("=", 1)
+        for line in values(unit, "Service", "Environment")
+        for item in line.split()
+    )
+    assert environment["ZTP_PUBLISHER_INGEST_SOCKET"] == "%t/ztp/ingest.sock"
+
+
 def test_password_arrives_as_a_credential(unit: Unit) -> None:
     name, _, source = one(unit, "Service", "LoadCredential").partition(":")
     assert name == "airvantage-password"
