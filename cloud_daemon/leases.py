@@ -28,8 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import botocore.exceptions
 
@@ -43,7 +42,7 @@ from cloud_daemon.errors import (
     ThrottledError,
 )
 from cloud_daemon.lineage import Lease
-from cloud_daemon.sqlite_thread import SqliteThread
+from cloud_daemon.sqlite_store import SqliteStore
 from shared.errors import DecodeError
 
 __all__ = [
@@ -265,11 +264,11 @@ def _row_to_lease(row: tuple[Any, ...]) -> Lease:
     )
 
 
-class SqliteLeaseStore(LeaseStore):
+class SqliteLeaseStore(LeaseStore, SqliteStore):
     """Leases and checkpoints in a local SQLite file: the default for a single instance.
 
     Every call is one short statement in its own transaction, on the store's own database
-    thread (:class:`~cloud_daemon.sqlite_thread.SqliteThread`): a slow commit never stalls the
+    thread (:class:`~cloud_daemon.sqlite_store.SqliteStore`): a slow commit never stalls the
     event loop.
 
     Use as an async context manager: ``async with SqliteLeaseStore(path) as store: ...``.
@@ -279,28 +278,10 @@ class SqliteLeaseStore(LeaseStore):
         """Args:
         path: the database file (created with its table when missing).
         """
-        self._db = SqliteThread(
-            path,
-            schema=_SCHEMA,
-            synchronous="NORMAL",
-            thread_name="ztp-leases",
-            owner="SqliteLeaseStore",
-        )
-
-    async def __aenter__(self) -> Self:
-        await self._db.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._db.__aexit__(exc_type, exc, tb)
+        super().__init__(path, schema=_SCHEMA, synchronous="NORMAL", thread_name="ztp-leases")
 
     async def list_leases(self) -> dict[str, Lease]:
-        rows = await self._db.call(lambda c: c.execute(_SELECT).fetchall())
+        rows = await self._call(lambda c: c.execute(_SELECT).fetchall())
         return {row[0]: _row_to_lease(row) for row in rows}
 
     @staticmethod
@@ -336,7 +317,7 @@ class SqliteLeaseStore(LeaseStore):
                     )
                 return self._fetch(conn, shard_id) if cur.rowcount == 1 else None
 
-        lease = await self._db.call(run)
+        lease = await self._call(run)
         if lease is None:
             raise LeaseTakenError(shard_id, owner, f"counter moved from {expected_counter}")
         return lease
@@ -348,7 +329,7 @@ class SqliteLeaseStore(LeaseStore):
             with conn:
                 return conn.execute(sql, (*args, shard_id, owner)).rowcount
 
-        if await self._db.call(run) != 1:
+        if await self._call(run) != 1:
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
 
     async def renew(self, shard_id: str, *, owner: str, now: float, duration: float) -> Lease:
@@ -361,7 +342,7 @@ class SqliteLeaseStore(LeaseStore):
                 )
                 return self._fetch(conn, shard_id) if cur.rowcount == 1 else None
 
-        lease = await self._db.call(run)
+        lease = await self._call(run)
         if lease is None:
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
         return lease
@@ -375,7 +356,7 @@ class SqliteLeaseStore(LeaseStore):
         )
 
     async def get_checkpoint(self, shard_id: str) -> int | None:
-        row = await self._db.call(
+        row = await self._call(
             lambda c: c.execute(
                 "SELECT checkpoint FROM leases WHERE shard_id = ?", (shard_id,)
             ).fetchone()

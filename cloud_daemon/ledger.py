@@ -49,12 +49,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from cloud_daemon.errors import AwsServiceError, LedgerConflictError
 from cloud_daemon.leases import aws_errors
-from cloud_daemon.sqlite_thread import SqliteThread
+from cloud_daemon.sqlite_store import SqliteStore
 from shared.errors import DecodeError, UsageError
 
 __all__ = [
@@ -422,11 +421,11 @@ def _entry_values(entry: LedgerEntry) -> tuple[Any, ...]:
     )
 
 
-class SqliteLedger(IssuanceLedger):
+class SqliteLedger(IssuanceLedger, SqliteStore):
     """Issuances in a local SQLite file: the default for a single instance.
 
     Each call is one short transaction on the ledger's own database thread
-    (:class:`~cloud_daemon.sqlite_thread.SqliteThread`): a slow commit never stalls the event loop.
+    (:class:`~cloud_daemon.sqlite_store.SqliteStore`): a slow commit never stalls the event loop.
 
     Use as an async context manager: ``async with SqliteLedger(path) as ledger: ...``.
     """
@@ -437,28 +436,10 @@ class SqliteLedger(IssuanceLedger):
         """
         # FULL: a minted certificate recorded must survive a power cut, or the next delivery
         # mints a duplicate.
-        self._db = SqliteThread(
-            path,
-            schema=_SCHEMA,
-            synchronous="FULL",
-            thread_name="ztp-ledger",
-            owner="SqliteLedger",
-        )
-
-    async def __aenter__(self) -> Self:
-        await self._db.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._db.__aexit__(exc_type, exc, tb)
+        super().__init__(path, schema=_SCHEMA, synchronous="FULL", thread_name="ztp-ledger")
 
     async def get(self, thing_name: str, key_sha256: str) -> LedgerEntry | None:
-        row = await self._db.call(
+        row = await self._call(
             lambda c: c.execute(
                 f"{_SELECT} WHERE thing_name = ? AND key_sha256 = ?", (thing_name, key_sha256)
             ).fetchone()
@@ -466,7 +447,7 @@ class SqliteLedger(IssuanceLedger):
         return None if row is None else _row_to_entry(row)
 
     async def entries_for_thing(self, thing_name: str) -> list[LedgerEntry]:
-        rows = await self._db.call(
+        rows = await self._call(
             lambda c: c.execute(
                 f"{_SELECT} WHERE thing_name = ? ORDER BY updated_at", (thing_name,)
             ).fetchall()
@@ -484,7 +465,7 @@ class SqliteLedger(IssuanceLedger):
             with conn:
                 return conn.execute(sql, _entry_values(entry)).rowcount == 1
 
-        return await self._db.call(run)
+        return await self._call(run)
 
     async def _replace(
         self, entry: LedgerEntry, *, states: frozenset[IssuanceState], attempt: int | None
@@ -505,7 +486,7 @@ class SqliteLedger(IssuanceLedger):
             with conn:
                 return conn.execute(sql, args).rowcount == 1
 
-        return await self._db.call(run)
+        return await self._call(run)
 
     async def _delete_intent(self, entry: LedgerEntry) -> bool:
         args = (entry.thing_name, entry.key_sha256, IssuanceState.INTENT.value, entry.attempt)
@@ -519,7 +500,7 @@ class SqliteLedger(IssuanceLedger):
                 )
                 return cur.rowcount == 1
 
-        return await self._db.call(run)
+        return await self._call(run)
 
 
 # --- DynamoDB -------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""One SQLite connection on a private one-thread executor, for the cloud daemon's local stores.
+"""The base of the cloud daemon's local stores: one SQLite file reached through its own thread.
 
 The lease store and the issuance ledger both keep their single-instance state in a SQLite file.
-Each call is one short statement in its own transaction, run on a private thread rather than on
-the event loop: a commit is usually microseconds in WAL mode, but a WAL checkpoint or a slow disk
-can block for milliseconds, which would stall every shard's reads. One thread also satisfies
-sqlite3's one-connection-per-thread rule, and serialises the store's statements without a lock.
+Each call is one short statement in its own transaction, run on a private one-thread executor
+rather than on the event loop: a commit is usually microseconds in WAL mode, but a WAL checkpoint
+or a slow disk can block for milliseconds, which would stall every shard's reads. One thread also
+satisfies sqlite3's one-connection-per-thread rule, and serialises a store's statements without a
+lock.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from typing import Literal, Self, TypeVar
 
 from shared.errors import UsageError
 
-__all__ = ["SqliteThread"]
+__all__ = ["SqliteStore"]
 
 _T = TypeVar("_T")
 
 
-class SqliteThread:
-    """A SQLite database opened in WAL mode, reached only through its own worker thread.
+class SqliteStore:
+    """A store in a SQLite database opened in WAL mode, reached only through its worker thread.
 
-    Use as an async context manager: ``async with SqliteThread(...) as db: await db.call(f)``.
+    Subclasses run their statements with :meth:`_call`; users open and close the file with
+    ``async with``.
     """
 
     def __init__(
@@ -37,7 +39,6 @@ class SqliteThread:
         schema: str,
         synchronous: Literal["NORMAL", "FULL"],
         thread_name: str,
-        owner: str,
     ) -> None:
         """Args:
         path: the database file (created with its table when missing).
@@ -45,17 +46,15 @@ class SqliteThread:
         synchronous: SQLite's ``synchronous`` pragma: FULL where a lost commit costs more
             than a slower one.
         thread_name: the worker thread's name prefix (seen in thread dumps).
-        owner: the store's class name, for the misuse error.
         """
         self._path = path
         self._schema = schema
         self._synchronous = synchronous
         self._thread_name = thread_name
-        self._owner = owner
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
-    async def call(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _call(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``func(connection)`` on the database thread.
 
         Args:
@@ -68,7 +67,7 @@ class SqliteThread:
             UsageError: the database is not open (used outside ``async with``).
         """
         if self._executor is None or self._conn is None:
-            raise UsageError(f"{self._owner} used outside 'async with'")
+            raise UsageError(f"{type(self).__name__} used outside 'async with'")
         conn = self._conn
         return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: func(conn))
 
