@@ -548,6 +548,11 @@ def test_dockerfile_installs_the_project_from_files_that_exist() -> None:
     copied = {Path(s).name for c in build["COPY"] for s in shlex.split(c)[:-1]}
     # The console script's package and what it imports from the repository.
     assert {"pyproject.toml", "shared", "cloud_daemon"} <= copied
+    # Files the build backend reads besides the packages (setuptools fails without them).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    referenced = [project["readme"]] if isinstance(project.get("readme"), str) else []
+    referenced += project.get("license-files", [])
+    assert set(referenced) <= copied
 
 
 # --- the device's IoT policy template ----------------------------------------------------------
