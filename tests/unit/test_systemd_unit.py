@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import env_names
-from ztp_daemon.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, DeviceConfig
+from ztp_daemon.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, DeviceConfig, load_device_config
 from ztp_daemon.state import DEFAULT_STATE_DIRECTORY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,3 +276,19 @@ def test_python_runs_under_memory_deny_write_execute() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
+
+
+def test_the_guides_configuration_example_loads(tmp_path: Path) -> None:
+    # docs/operations.md shows /etc/ztp/ztp.toml; it must be a configuration the daemon accepts,
+    # with the password coming from the credential file the unit names.
+    guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    start = guide.index("### Configuration: /etc/ztp/ztp.toml")
+    example = guide[start:].split("```toml\n", 1)[1].split("```", 1)[0]
+    config_file = tmp_path / "ztp.toml"
+    config_file.write_text(example, encoding="utf-8")
+    password = tmp_path / "airvantage-password"
+    password.write_text("not-the-real-one\n", encoding="utf-8")
+    config = load_device_config(config_file, {"ZTP_AIRVANTAGE_PASSWORD_FILE": str(password)})
+    assert config.airvantage.password.reveal() == "not-the-real-one"
+    assert config.device.state_dir == DEFAULT_STATE_DIRECTORY
+    assert config.log.destination.value == "syslog"
