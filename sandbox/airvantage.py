@@ -604,6 +604,9 @@ class _Ledger:
     systems: dict[str, _System] = field(default_factory=dict)
     serials: dict[str, str] = field(default_factory=dict)
     tokens: dict[str, _Token] = field(default_factory=dict)
+    # Every token ever issued, expired ones included: the test suite's secret guard must know
+    # them all, and ``tokens`` forgets a token once it expires.
+    issued_tokens: list[str] = field(default_factory=list)
     operations: dict[str, _Operation] = field(default_factory=dict)
     tasks: dict[str, _Task] = field(default_factory=dict)
     held: list[_Task] = field(default_factory=list)
@@ -618,6 +621,7 @@ class _Ledger:
     def issue_token(self, *, now: float, lifetime: float, company: str | None) -> str:
         token = secrets.token_hex(16)
         self.tokens[token] = _Token(expires_at=now + lifetime, company=company)
+        self.issued_tokens.append(token)
         return token
 
     def token_valid(self, token: str, *, now: float) -> bool:
@@ -1026,6 +1030,15 @@ class AirVantageEmulator:
         """Make every token issued so far invalid (the next ``/api/v1`` call gets 401)."""
         self._ledger.expire_tokens()
         log.info("airvantage_emulator.tokens_expired")
+
+    @property
+    def issued_tokens(self) -> tuple[str, ...]:
+        """Every bearer token issued so far, expired ones included, oldest first.
+
+        For the test suite's secret guard, which checks that none of them reaches a log; never
+        log what this returns.
+        """
+        return tuple(self._ledger.issued_tokens)
 
     def release_held_tasks(self) -> None:
         """Publish the tasks the reorder fault holds now, in reverse order, and stop holding."""
