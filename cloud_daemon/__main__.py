@@ -14,13 +14,10 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
-
-import structlog
 
 from cloud_daemon.config import (
     CONFIG_ENV,
@@ -30,15 +27,13 @@ from cloud_daemon.config import (
     load_cloud_config,
 )
 from cloud_daemon.service import serve
-from shared.errors import ConfigError, UsageError, ZtpError
+from shared.cli import EXIT_OK, EXIT_USAGE, failure_exit_status, first_ztp_error, stop_on_signals
+from shared.errors import ConfigError, ZtpError
 from shared.logs import configure_logging
 
 __all__ = ["main"]
 
 _IDENT: Final = "ztp-cloud"
-_EXIT_OK: Final = 0
-_EXIT_FAILURE: Final = 1
-_EXIT_USAGE: Final = 2
 
 _DESCRIPTION = """\
 The ZTP cloud daemon: reads the AirVantage connector's Kinesis stream, vets certificate
@@ -82,26 +77,8 @@ def _load(args: argparse.Namespace, env: Mapping[str, str]) -> CloudConfig:
 
 
 async def _run_service(config: CloudConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    async with stop_on_signals() as stop:
         await serve(config, shutdown=stop.wait)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-
-
-def _first_ztp_error(error: BaseException) -> ZtpError | None:
-    if isinstance(error, ZtpError):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = _first_ztp_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _run(config: CloudConfig) -> int:
@@ -116,18 +93,14 @@ def _run(config: CloudConfig) -> int:
     try:
         asyncio.run(_run_service(config))
     except (ZtpError, BaseExceptionGroup) as exc:
-        failure = _first_ztp_error(exc)
+        failure = first_ztp_error(exc)
         if failure is None:
             raise
     except TimeoutError:
         failure = ZtpError(f"the service did not stop within {config.shutdown_timeout:g} s")
     if failure is not None:
-        # The reason says it all; a traceback would only bury it.
-        structlog.get_logger().error(
-            "service.failed", error=type(failure).__name__, reason=str(failure)
-        )
-        return _EXIT_USAGE if isinstance(failure, UsageError) else _EXIT_FAILURE
-    return _EXIT_OK
+        return failure_exit_status(failure, event="service.failed")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load(args, dict(os.environ))
     except ConfigError as exc:
         sys.stderr.write(f"{_IDENT}: {exc}\n")
-        return _EXIT_USAGE
+        return EXIT_USAGE
     if args.command == "check-config":
         sys.stdout.write(json.dumps(config_summary(config), indent=2, sort_keys=True) + "\n")
-        return _EXIT_OK
+        return EXIT_OK
     return _run(config)
 
 

@@ -16,18 +16,24 @@ import contextlib
 import datetime as dt
 import json
 import os
-import signal
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from shared.errors import ConfigError, UsageError, ZtpError
+from shared.cli import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    failure_exit_status,
+    first_ztp_error,
+    stop_on_signals,
+)
+from shared.errors import ConfigError, ZtpError
 from shared.logs import LogDestination, LogStyle, configure_logging
 from ztp_daemon.bundle import Bundle, BundleStore
 from ztp_daemon.config import (
@@ -48,9 +54,6 @@ from ztp_daemon.supervisor import BUNDLE_DIRECTORY, PublisherFactory, serve
 __all__ = ["main", "status_report"]
 
 SYSLOG_IDENT: Final = "ztp"
-_EXIT_OK: Final = 0
-_EXIT_FAILURE: Final = 1
-_EXIT_USAGE: Final = 2
 _STYLES: Final[Mapping[LogStyleChoice, LogStyle]] = {
     LogStyleChoice.KEYVALUE: "keyvalue",
     LogStyleChoice.JSON: "json",
@@ -179,31 +182,19 @@ def _publisher_factory(config: DeviceConfig, serial: str) -> PublisherFactory | 
 
 
 async def _run_daemon(config: DeviceConfig, notifier: Notifier) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    async with stop_on_signals() as stop:
 
-    async def shutdown() -> None:
-        await stop.wait()
+        async def shutdown() -> None:
+            await stop.wait()
 
-    serial = await asyncio.to_thread(config.read_serial)
-    await serve(
-        config,
-        shutdown=shutdown,
-        publisher_factory=_publisher_factory(config, serial),
-        notifier=notifier,
-        serial=serial,
-    )
-
-
-def _first_ztp_error(group: BaseExceptionGroup[ZtpError]) -> ZtpError:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    if not isinstance(leaf, ZtpError):  # pragma: no cover - except* ZtpError holds only those
-        raise TypeError(type(leaf).__name__)
-    return leaf
+        serial = await asyncio.to_thread(config.read_serial)
+        await serve(
+            config,
+            shutdown=shutdown,
+            publisher_factory=_publisher_factory(config, serial),
+            notifier=notifier,
+            serial=serial,
+        )
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -211,7 +202,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         config = load_device_config(_config_path(args.config, env), env)
     except ConfigError as exc:
         sys.stderr.write(f"ztp-daemon: {exc}\n")
-        return _EXIT_USAGE
+        return EXIT_USAGE
     section = config.log
     configure_logging(
         style=_STYLES[section.style],
@@ -227,12 +218,10 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         asyncio.run(_run_daemon(config, notifier))
     except* ZtpError as group:
         # Raised directly or inside a task group (the supervisor's, the link's): the first one.
-        failure = _first_ztp_error(group)
+        failure = first_ztp_error(group)
     if failure is None:
-        return _EXIT_OK
-    # The reason says it all; a traceback would only bury it.
-    structlog.get_logger().error("daemon.failed", error=type(failure).__name__, reason=str(failure))
-    return _EXIT_USAGE if isinstance(failure, UsageError) else _EXIT_FAILURE
+        return EXIT_OK
+    return failure_exit_status(failure, event="daemon.failed")
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -370,13 +359,13 @@ def _status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         report = status_report(state_dir, now=now)
     except ConfigError as exc:
         sys.stderr.write(f"ztp-daemon: {exc}\n")
-        return _EXIT_USAGE
+        return EXIT_USAGE
     except StorageError as exc:
         sys.stderr.write(f"ztp-daemon: cannot read the state: {exc}\n")
-        return _EXIT_FAILURE
+        return EXIT_FAILURE
     text = json.dumps(report, sort_keys=True) if args.json else _human(report, now)
     sys.stdout.write(text + "\n")
-    return _EXIT_OK
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
