@@ -16,14 +16,21 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP) system-deps
 
-# mosquitto plays both brokers of the sandbox; install it when missing and we are allowed to.
+# mosquitto plays both brokers of the sandbox; systemd-analyze checks the unit file. Install the
+# missing ones when we are root, or say what to run.
+SYSTEM_TOOLS := mosquitto:mosquitto systemd-analyze:systemd
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  tool=$${pair%%:*}; package=$${pair#*:}; \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "mosquitto is missing: sudo apt-get install -y mosquitto" >&2; exit 1; \
-	  fi; }
+	    echo "missing system packages:$$missing (sudo apt-get install -y$$missing)" >&2; exit 1; \
+	  fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
