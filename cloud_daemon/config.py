@@ -56,7 +56,8 @@ from typing import Any, Final
 from cloud_daemon.airvantage import AirVantageClientConfig, AirVantageCredentials
 from cloud_daemon.consumer import ConsumerConfig, StartPosition
 from cloud_daemon.issuer import IssuerConfig
-from shared.config import Secret, env_names, load_config
+from shared.config import Secret, load_config
+from shared.config import environment_help as shared_environment_help
 from shared.errors import ConfigError
 
 __all__ = [
@@ -419,11 +420,7 @@ def load_cloud_config(path: Path | None, env: Mapping[str, str]) -> CloudConfig:
 
 def environment_help() -> str:
     """The environment variables, one per line with the key each sets (for ``--help``)."""
-    names = env_names(CloudConfig, env_prefix=ENV_PREFIX)
-    width = max(len(name) for name in names)
-    lines = [f"  {name:<{width}}  {key}" for name, key in sorted(names.items())]
-    lines.append(f"  {CONFIG_ENV:<{width}}  the TOML file (instead of --config)")
-    return "\n".join(lines)
+    return shared_environment_help(CloudConfig, env_prefix=ENV_PREFIX, config_env=CONFIG_ENV)
 
 
 def _plain(value: Any) -> Any:

@@ -56,7 +56,7 @@ from typing import Any, Final, TypeVar
 
 from shared.errors import ConfigError, UsageError
 
-__all__ = ["Secret", "env_names", "load_config"]
+__all__ = ["Secret", "env_names", "environment_help", "load_config", "read_toml"]
 
 T = TypeVar("T")
 
@@ -533,6 +533,51 @@ def env_names(schema: type[Any], *, env_prefix: str) -> dict[str, str]:
     return seen
 
 
+def environment_help(schema: type[Any], *, env_prefix: str, config_env: str) -> str:
+    """The environment variables a schema reads, one per line with the key each sets.
+
+    Args:
+        schema: the frozen dataclass type.
+        env_prefix: the prefix (``ZTP``, ``ZTP_CLOUD``).
+        config_env: the variable the entry point reads for the TOML file, listed last.
+
+    Returns:
+        Indented, aligned lines for an ``argparse`` epilog.
+
+    Raises:
+        UsageError: as :func:`env_names`.
+    """
+    names = env_names(schema, env_prefix=env_prefix)
+    width = max(len(name) for name in [*names, config_env])
+    lines = [f"  {name:<{width}}  {key}" for name, key in sorted(names.items())]
+    lines.append(f"  {config_env:<{width}}  the TOML file (instead of --config)")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, translating every way it can fail into a :class:`ConfigError`.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The parsed document.
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8, or is not valid TOML; ``key`` is
+            the path.
+    """
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not UTF-8 text") from None
+
+
 def load_config(
     schema: type[T],
     *,
@@ -569,17 +614,7 @@ def load_config(
     for name in sorted(env):
         if name.startswith(f"{prefix}_") and name not in known_env and name not in ignored:
             raise ConfigError(name, "unknown environment variable (no configuration key uses it)")
-    table: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with path.open("rb") as handle:
-                table = tomllib.load(handle)
-        except OSError as exc:
-            raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(str(path), "not UTF-8 text") from None
+    table = {} if path is None else read_toml(path)
     _check_keys(root, table)
     result: T = _load_section(root, table, env, None)
     return result

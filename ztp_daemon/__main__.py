@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import os
 import sys
-import tomllib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -33,6 +32,7 @@ from shared.cli import (
     first_ztp_error,
     stop_on_signals,
 )
+from shared.config import read_toml
 from shared.errors import ConfigError, ZtpError
 from shared.logs import LogDestination, LogStyle, configure_logging
 from ztp_daemon.bundle import Bundle, BundleStore
@@ -236,13 +236,7 @@ def _state_dir(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
     path = _config_path(args.config, env)
     if path is None:
         return DEFAULT_STATE_DIRECTORY
-    try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    document = read_toml(path)
     device = document.get("device", {})
     value = device.get("state_dir") if isinstance(device, dict) else None
     if value is None:

@@ -52,7 +52,8 @@ from typing import Final
 from cryptography import x509
 
 from shared.airvantage import validate_serial
-from shared.config import Secret, env_names, load_config
+from shared.config import Secret, load_config
+from shared.config import environment_help as shared_environment_help
 from shared.errors import ConfigError, InvalidValueError
 from ztp_daemon.csr import CsrSubject, read_serial
 from ztp_daemon.keystore import KeyType
@@ -352,5 +353,4 @@ def load_device_config(path: Path | None, env: Mapping[str, str] | None = None) 
 
 def environment_help() -> str:
     """One line per environment variable the configuration reads, for ``--help``."""
-    names = env_names(DeviceConfig, env_prefix=ENV_PREFIX)
-    return "\n".join(f"  {name:<36} {key}" for name, key in sorted(names.items()))
+    return shared_environment_help(DeviceConfig, env_prefix=ENV_PREFIX, config_env=CONFIG_ENV)

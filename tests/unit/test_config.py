@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared.config import Secret, env_names, load_config
+from shared.config import Secret, env_names, environment_help, load_config, read_toml
 from shared.errors import ConfigError, UsageError
 
 
@@ -407,6 +407,32 @@ def test_env_names_lists_every_variable() -> None:
     assert names["ZTP_PATHS_CA_FILE"] == "paths.ca_file"
     assert "ZTP_PATHS_CA_FILE_FILE" not in names
     assert len(names) == 14
+
+
+def test_environment_help_lists_every_variable_aligned_and_the_file_variable_last() -> None:
+    lines = environment_help(Schema, env_prefix="ZTP", config_env="ZTP_CONFIG").splitlines()
+    names = env_names(Schema, env_prefix="ZTP")
+    assert [line.split()[0] for line in lines] == [*sorted(names), "ZTP_CONFIG"]
+    assert [line.split()[1] for line in lines[:-1]] == [names[n] for n in sorted(names)]
+    assert lines[-1].endswith("the TOML file (instead of --config)")
+    # The keys start in one column, so the list reads as a table.
+    assert len({line.find(line.split()[1], 2 + len(line.split()[0])) for line in lines}) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"[a\n", "not valid TOML"), (b"x = '\xff'\n", "not UTF-8"), (None, "cannot read")],
+)
+def test_read_toml_names_the_file_whatever_fails(
+    tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    path = tmp_path / "ztp.toml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        read_toml(path)
+    assert caught.value.key == str(path)
+    assert reason in caught.value.reason
 
 
 # --- Secret ----------------------------------------------------------------------------------
