@@ -28,10 +28,10 @@ Libraries that log through the standard library (aiomqtt, paho, botocore, asynci
 into the same pipeline by a handler on the root logger, tagged ``logger=<name>``, so they share
 the format, the destination, the level and the redaction.
 
-Syslog goes through the standard library's :class:`logging.handlers.SysLogHandler` on a Unix
-datagram socket (``/dev/log`` by default, configurable so tests can bind their own), not the
-``syslog`` module, whose socket path cannot be chosen. When the socket is absent, logs go to
-stderr and the first event says so.
+Syslog is one RFC 3164 datagram per event on a non-blocking Unix datagram socket (``/dev/log``
+by default, configurable so tests can bind their own), not the ``syslog`` module, whose socket
+path cannot be chosen and whose writes block when the reader stalls. When the socket is absent,
+logs go to stderr and the first event says so.
 """
 
 from __future__ import annotations
@@ -308,24 +308,72 @@ def _first_keys_first(_logger: WrappedLogger, _method: str, event_dict: EventDic
     return ordered
 
 
+# syslog(3) severities for the five levels structlog knows.
+_SEVERITY: Final = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
 class _SyslogWriter:
     """The wrapped logger structlog writes rendered lines to when the destination is syslog.
 
-    Each level method hands one line to the stdlib :class:`SysLogHandler`, which maps the level
-    to a syslog priority. Not a :class:`logging.Logger`: nothing propagates to the root logger's
-    handlers, and nothing else can add handlers to it.
+    One RFC 3164 datagram per line (``<PRI>ident[pid]: line``; syslogd adds host and time) on a
+    connected Unix datagram socket. The socket is non-blocking on purpose: when the syslog reader
+    stalls its queue fills after about a dozen datagrams, and a blocking send would then freeze
+    the caller — usually the event loop, the whole daemon — until the watchdog kills it. A line
+    with no room is dropped and counted instead, and the count is reported (as a warning line)
+    once lines get through again. Not a :class:`logging.Logger`: nothing propagates to the root
+    logger's handlers.
     """
 
-    __slots__ = ("handler",)
+    __slots__ = ("address", "dropped", "facility", "prefix", "reported", "sock")
 
-    def __init__(self, handler: SysLogHandler) -> None:
-        self.handler = handler
+    def __init__(self, *, address: str, ident: str, facility: int) -> None:
+        self.address = address
+        self.facility = facility
+        self.prefix = f"{ident}[{os.getpid()}]: "
+        self.dropped = 0
+        self.reported = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect(address)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)  # noqa: FBT003 - the socket API's own positional flag
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _send(self, levelno: int, line: str) -> bool:
+        datagram = f"<{self.facility * 8 + _SEVERITY[levelno]}>{self.prefix}{line}\x00"
+        try:
+            self.sock.send(datagram.encode("utf-8", "replace"))
+        except BlockingIOError:
+            self.dropped += 1
+            return False
+        except OSError:
+            # syslogd restarted: reconnect once; a line lost meanwhile is counted, never raised.
+            try:
+                self.sock.close()
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.connect(self.address)
+                self.sock.setblocking(False)  # noqa: FBT003 - the socket API's own flag
+                self.sock.send(datagram.encode("utf-8", "replace"))
+            except OSError:
+                self.dropped += 1
+                return False
+        return True
 
     def _emit(self, levelno: int, line: str) -> None:
-        record = logging.makeLogRecord(
-            {"msg": line, "levelno": levelno, "levelname": logging.getLevelName(levelno)}
-        )
-        self.handler.handle(record)
+        if self._send(levelno, line) and self.dropped > self.reported:
+            count = self.dropped - self.reported
+            if self._send(logging.WARNING, f"level=warning event=syslog.dropped count={count}"):
+                self.reported += count
 
     def debug(self, line: str) -> None:
         self._emit(logging.DEBUG, line)
@@ -362,7 +410,7 @@ class _StdlibBridge(logging.Handler):
 class _Installed:
     """What the last configure installed, so the next one (or a reset) removes it first."""
 
-    syslog: SysLogHandler | None = None
+    syslog: _SyslogWriter | None = None
     bridge: _StdlibBridge | None = None
     root_level: int | None = None
 
@@ -397,16 +445,9 @@ def _install_bridge(level: int) -> None:
 
 def _open_syslog(*, address: str, ident: str, facility: int) -> _SyslogWriter:
     """Connect to the syslog socket; raises OSError when it is absent or refuses us."""
-    # SysLogHandler swallows a failed connect (as openlog(3) does); probe first so a missing
-    # /dev/log is noticed and reported instead of every event being lost.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        probe.connect(address)
-    handler = SysLogHandler(address=address, facility=facility)
-    # The RFC 3164 tag, as syslog(3) writes it with LOG_PID; syslogd adds host and time.
-    handler.ident = f"{ident}[{os.getpid()}]: "
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    _Installed.syslog = handler
-    return _SyslogWriter(handler)
+    writer = _SyslogWriter(address=address, ident=ident, facility=facility)
+    _Installed.syslog = writer
+    return writer
 
 
 def _check_arguments(*, style: str, destination: str, level: str, ident: str) -> int:

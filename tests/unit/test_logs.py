@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -353,6 +354,29 @@ def test_syslog_destination_sends_ident_and_message(
         second.rstrip("\x00") == f'<28>ztp[{os.getpid()}]: level=warning event="broker unreachable"'
     )
     assert "sys-LLL222" not in first
+
+
+def test_syslog_reader_that_stalls_never_blocks_the_logger(
+    syslog_server: tuple[str, socket.socket],
+) -> None:
+    path, server = syslog_server
+    configure_logging(style="keyvalue", destination="syslog", ident="ztp", syslog_address=path)
+    log = structlog.get_logger()
+    # Nobody reads: the socket's queue fills after a few datagrams. A blocking send would hang
+    # here (the whole daemon with it); the lines with no room are dropped and counted instead.
+    for number in range(500):
+        log.info("reading", number=number)
+    queued = []
+    server.settimeout(0.2)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            queued.append(server.recv(65536).decode())
+    assert 0 < len(queued) < 500
+    # Once there is room again, the first line through is followed by the count of lost ones.
+    log.info("after the stall")
+    after, report = server.recv(65536).decode(), server.recv(65536).decode()
+    assert f"event=syslog.dropped count={500 - len(queued)}" in report
+    assert 'event="after the stall"' in after
 
 
 def test_syslog_configured_twice_sends_each_event_once(
