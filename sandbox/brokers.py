@@ -66,6 +66,7 @@ from cryptography.x509.oid import NameOID
 
 from sandbox.errors import BrokerReloadError, BrokerStartError, SandboxUsageError
 from sandbox.pki import SandboxPki
+from ztp_daemon.mqtt_wire import utf8_string, variable_byte_integer
 
 __all__ = [
     "DEFAULT_ADMIN_USERNAME",
@@ -288,20 +289,6 @@ def _find_mosquitto() -> Path | None:
     return Path(found) if found else None
 
 
-def _mqtt_string(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _remaining_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        length, digit = divmod(length, 128)
-        out.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
-
-
 async def _mqtt_connect_probe(
     address: BrokerAddress,
     *,
@@ -320,19 +307,19 @@ async def _mqtt_connect_probe(
         asyncio.IncompleteReadError: the broker closed the connection instead of answering.
     """
     flags = 0x02  # clean session: the probe leaves nothing behind in the broker
-    payload = _mqtt_string(f"ztp-sandbox-probe-{secrets.token_hex(6)}")
+    payload = utf8_string(f"ztp-sandbox-probe-{secrets.token_hex(6)}")
     if username is not None:
         flags |= 0x80
-        payload += _mqtt_string(username)
+        payload += utf8_string(username)
     if password is not None:
         flags |= 0x40
-        payload += _mqtt_string(password)
-    body = _mqtt_string("MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + payload
+        payload += utf8_string(password)
+    body = utf8_string("MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + payload
     async with asyncio.timeout(_PROBE_TIMEOUT):
         reader, writer = await asyncio.open_connection(address.host, address.port, ssl=tls)
     try:
         async with asyncio.timeout(_PROBE_TIMEOUT):
-            writer.write(b"\x10" + _remaining_length(len(body)) + body)
+            writer.write(b"\x10" + variable_byte_integer(len(body)) + body)
             await writer.drain()
             connack = await reader.readexactly(4)
             if connack[:2] != b"\x20\x02":

@@ -56,6 +56,7 @@ from paho.mqtt.properties import Properties
 from shared.errors import ConfigError, TransportError, UsageError
 from ztp_daemon.bundle import BundleStore
 from ztp_daemon.errors import DeviceError
+from ztp_daemon.mqtt_wire import utf8_string, variable_byte_integer
 from ztp_daemon.outbox import Outbox
 
 __all__ = [
@@ -333,22 +334,8 @@ def build_tls_context(
 _USER_PROPERTY_ID: Final = 0x26  # MQTT 5 "User Property": a UTF-8 string pair
 
 
-def _utf8_field(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _variable_byte_integer(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        value, digit = divmod(value, 128)
-        out.append(digit | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _user_property_prefix(name: str) -> bytes:
-    return bytes([_USER_PROPERTY_ID]) + _utf8_field(name)
+    return bytes([_USER_PROPERTY_ID]) + utf8_string(name)
 
 
 class _MessageIdProperty(Properties):
@@ -363,7 +350,7 @@ class _MessageIdProperty(Properties):
         # Properties.__init__ is skipped on purpose: nothing of it is used (see above).
         raw = message_id.encode()
         length = len(prefix) + 2 + len(raw)
-        head = bytes((length,)) if length < 128 else _variable_byte_integer(length)
+        head = bytes((length,)) if length < 128 else variable_byte_integer(length)
         # Properties.__setattr__ only admits MQTT property names; this one is ours.
         object.__setattr__(self, "_packed", head + prefix + len(raw).to_bytes(2, "big") + raw)
 
