@@ -968,8 +968,10 @@ class _Fleet:
         observer: _Observer,
         options: DemoOptions,
         on_progress: Callable[[Sequence[GatewayProgress], float], None] | None,
+        cloud: _Child,
     ) -> None:
         self.gateways = list(gateways)
+        self._cloud = cloud
         self._sandbox = sandbox
         self._observer = observer
         self._options = options
@@ -1023,6 +1025,8 @@ class _Fleet:
                 return None
             if any(g.exit_code is not None for g in progress):
                 return f"a daemon's exit after {elapsed:.1f} s"
+            if self._cloud.exit_code is not None:
+                return f"ztp-cloud's exit with status {self._cloud.exit_code} after {elapsed:.1f} s"
             if time.monotonic() >= deadline:
                 return f"the timeout of {options.timeout:g} s"
             await asyncio.sleep(options.tick)
@@ -1054,6 +1058,7 @@ async def _run_in(
             observer=observer,
             options=options,
             on_progress=on_progress,
+            cloud=cloud.child,
         )
         stack.push_async_callback(fleet.stop)
         await fleet.start()
