@@ -263,6 +263,8 @@ def render_markdown(figures: Mapping[str, Any], *, command: str, machine: Mappin
         f"{figures.get('fleet_cloud_mean_period_ms')} ms, median "
         f"{figures.get('fleet_cloud_period_ms')} ms (quota 66.7 ms), of which the AirVantage "
         f"delivery {figures.get('fleet_cloud_delivery_ms')} ms; "
+        f"{figures.get('fleet_cloud_slow_periods')} periods over 1.5 slots lost "
+        f"{figures.get('fleet_cloud_slow_periods_lost_s')} s beyond the quota's pace; "
         f"{figures.get('fleet_cloud_stalls')} stalls over 0.5 s adding up to "
         f"{figures.get('fleet_cloud_stall_s')} s."
     )

@@ -537,6 +537,9 @@ def cloud_timeline(
         return round(median(values) * 1000, 1) if values else None
 
     stalls = [p for p in periods if p > 0.5]
+    slot = 1 / IOT_TPS
+    # Time the minting lost beyond the quota's pace, and the periods that lost it.
+    excess = [p - slot for p in periods if p > slot * 1.5]
     return {
         "cloud_first_minted_s": round(minted[0] - began, 2) if minted else None,
         "cloud_minting_span_s": round(minted[-1] - minted[0], 2) if minted else None,
@@ -546,6 +549,8 @@ def cloud_timeline(
             if len(minted) > 1
             else None
         ),
+        "cloud_slow_periods": len(excess),
+        "cloud_slow_periods_lost_s": round(sum(excess), 2),
         "cloud_stalls": len(stalls),
         "cloud_stall_s": round(sum(stalls), 2),
         "cloud_period_ms": ms(periods),
