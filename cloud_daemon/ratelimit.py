@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from shared.backoff import full_jitter_delay
 from shared.errors import UsageError
 
 __all__ = [
@@ -116,8 +117,7 @@ class Backoff:
         Returns:
             ``rand * min(cap, base * 2 ** (attempt - 1))``.
         """
-        ceiling = min(self.cap, self.base * 2.0 ** max(0, attempt - 1))
-        return rand * ceiling
+        return full_jitter_delay(attempt, base=self.base, cap=self.cap, rand=rand)
 
 
 @dataclass(slots=True)

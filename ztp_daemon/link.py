@@ -65,6 +65,7 @@ from shared.airvantage import (
     tasks_topic,
     validate_serial,
 )
+from shared.backoff import full_jitter_delay
 from shared.config import Secret
 from shared.errors import ConfigError, InvalidValueError, PeerError, UsageError
 from ztp_daemon.errors import LinkError
@@ -98,8 +99,7 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) 
     """
     if attempt <= 0:
         return 0.0
-    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 62))
-    return rng.uniform(0.0, ceiling)
+    return full_jitter_delay(attempt, base=base, cap=cap, rand=rng.random())
 
 
 @dataclass(frozen=True, slots=True)

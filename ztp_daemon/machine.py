@@ -83,6 +83,7 @@ from typing import TypeAlias
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from shared.backoff import full_jitter_delay
 from shared.errors import PeerError, UsageError
 from shared.fragments import Completed, Reassembler, ReassemblyLimits
 from shared.messages import (
@@ -880,8 +881,7 @@ class ProvisioningMachine:
         timeout, cap = self._config.delivery_timeout, self._config.retry_cap
         if attempt <= 1:
             return timeout
-        ceiling = min(cap, timeout * 2.0 ** min(attempt - 1, 64))
-        return self._rng.uniform(0.0, ceiling)
+        return full_jitter_delay(attempt, base=timeout, cap=cap, rand=self._rng.random())
 
     def _persist(self, record: StateRecord) -> Action:
         self._record = record

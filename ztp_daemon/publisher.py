@@ -53,6 +53,7 @@ import aiomqtt
 import structlog
 from paho.mqtt.properties import Properties
 
+from shared.backoff import full_jitter_delay
 from shared.errors import ConfigError, TransportError, UsageError
 from ztp_daemon.bundle import BundleStore
 from ztp_daemon.errors import DeviceError
@@ -263,8 +264,7 @@ class Backoff:
         """The wait before retry number ``attempt`` (0 for the first attempt)."""
         if attempt <= 0:
             return 0.0
-        ceiling = min(self.cap, self.base * 2.0 ** min(attempt - 1, 62))
-        return self.rng.uniform(0.0, ceiling)
+        return full_jitter_delay(attempt, base=self.base, cap=self.cap, rand=self.rng.random())
 
 
 @dataclass(slots=True)
