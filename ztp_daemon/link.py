@@ -69,6 +69,7 @@ from shared.backoff import full_jitter_delay
 from shared.config import Secret
 from shared.errors import ConfigError, InvalidValueError, PeerError, UsageError
 from ztp_daemon.errors import LinkError
+from ztp_daemon.tls import server_verifying_context
 
 __all__ = [
     "CONNECTION_TASK_NAME",
@@ -442,13 +443,9 @@ def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
 
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file is not None else None
-        )
+        return server_verifying_context(ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("airvantage.ca_file", f"cannot load {ca_file}: {exc}") from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 def _describe(exc: BaseException) -> str:

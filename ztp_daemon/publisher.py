@@ -59,6 +59,7 @@ from ztp_daemon.bundle import BundleStore
 from ztp_daemon.errors import DeviceError
 from ztp_daemon.mqtt_wire import utf8_string, variable_byte_integer
 from ztp_daemon.outbox import Outbox
+from ztp_daemon.tls import server_verifying_context
 
 __all__ = [
     "AWS_ALPN_PROTOCOL",
@@ -321,10 +322,7 @@ def build_tls_context(
         ssl.SSLError: the certificate or key does not load (or do not match).
         OSError: a file cannot be read.
     """
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file is not None else None
-    )
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = server_verifying_context(ca_file)
     context.load_cert_chain(str(credentials.cert_file), str(credentials.key_file))
     if alpn:
         context.set_alpn_protocols([AWS_ALPN_PROTOCOL])
