@@ -17,13 +17,19 @@ Theory of operation
   owns.
 - ``kinesis-shard-<id>``: one :class:`ShardConsumer` per owned shard. It starts from the
   checkpoint (``AFTER_SEQUENCE_NUMBER``) or the configured start, calls ``GetRecords`` at most
-  once per ``poll_interval`` (0.2 s: AWS's 5 calls/s per shard), waits longer while the shard is
-  idle (doubling up to ``max_idle_wait``), backs off with full jitter when throttled, and gets a
-  fresh iterator from the checkpoint when one expires. A closed shard read to its end (no
-  ``NextShardIterator``) is marked finished, which releases its children.
+  once per ``poll_interval`` (0.2 s: AWS's 5 calls/s per shard, plus a small margin), waits
+  longer while the shard is idle (doubling up to ``max_idle_wait``), backs off with full jitter
+  when throttled, and gets a fresh iterator from the last record read when one expires. A
+  closed shard read to its end (no ``NextShardIterator``) is marked finished, which releases
+  its children.
+- ``kinesis-fetch-<id>``: the shard reader's next ``GetRecords`` call, made while the handler
+  works on the current batch (one call ahead, never more), so a busy shard is read without a
+  gap between calls. The reader awaits it, or cancels and awaits it, before it ends.
 
 The processing contract: records go to the handler in order, in batches; the checkpoint moves
-only after the handler succeeded (at least once). A batch that raises is bisected, without
+only after the handler succeeded (at least once). A batch read ahead is handled only after the
+one before it is checkpointed; it is dropped, and read again from the checkpoint, when the
+batch before it needed retries or the reader stops first. A batch that raises is bisected, without
 waiting, until the failing record is alone; a failing record (or one the handler names in a
 :class:`RecordFailure`) is retried with backoff until ``retry_attempts`` or ``max_record_age``
 runs out, then written to the dead-letter sink with its reason, and the checkpoint moves past
@@ -50,7 +56,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -88,6 +94,7 @@ __all__ = [
     "backoff_delay",
     "failure_verdict",
     "next_poll_delay",
+    "records_from_aws",
 ]
 
 _log = structlog.get_logger()
@@ -97,6 +104,10 @@ _GET_RECORDS_MAX = 10_000
 _LIST_SHARDS_MAX = 1000  # ListShards' MaxResults bound, also its default
 _REASON_LIMIT = 500
 _RATE_WINDOW = 10.0  # seconds of history behind records_per_second
+# Added to every pause between two GetRecords calls on a shard: AWS counts calls when they
+# arrive, and a request's latency varies, so calls spaced exactly poll_interval (0.2 s) apart
+# sometimes arrive as a sixth call in one second and are throttled.
+_PACING_MARGIN = 0.01
 
 
 class StartPosition(enum.Enum):
@@ -197,23 +208,96 @@ class ConsumerConfig:
 # --- records, batches, handler ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class StreamRecord:
-    """One Kinesis record.
+    """One Kinesis record; immutable, compared and hashed by value.
+
+    A slotted class rather than a frozen dataclass: GetRecords returns up to 10,000 records a
+    call, and a frozen dataclass's constructor (one ``object.__setattr__`` per field) plus the
+    conversion of every arrival time to UTC were most of the consumer's own cost per record.
+    The consumer builds records from a GetRecords answer it validated as a whole
+    (:func:`records_from_aws`); the arrival time is converted when it is read.
 
     Attributes:
         shard_id: the shard it was read from.
         sequence_number: its sequence number, as an integer.
         partition_key: its partition key.
         data: its payload.
-        arrival: when Kinesis received it (timezone-aware).
+        arrival: when Kinesis received it (timezone-aware, UTC).
     """
+
+    __slots__ = ("_arrival", "data", "partition_key", "sequence_number", "shard_id")
+    __match_args__ = ("shard_id", "sequence_number", "partition_key", "data", "arrival")
 
     shard_id: str
     sequence_number: int
     partition_key: str
     data: bytes
-    arrival: dt.datetime
+    _arrival: dt.datetime
+
+    def __init__(
+        self,
+        shard_id: str,
+        sequence_number: int,
+        partition_key: str,
+        data: bytes,
+        arrival: dt.datetime,
+    ) -> None:
+        """Args:
+        shard_id: the shard it was read from.
+        sequence_number: its sequence number (>= 0).
+        partition_key: its partition key.
+        data: its payload.
+        arrival: when Kinesis received it (timezone-aware).
+
+        Raises:
+            UsageError: a negative sequence number or a naive arrival time.
+        """
+        if sequence_number < 0:
+            raise UsageError("a sequence number is >= 0")
+        if arrival.tzinfo is None:
+            raise UsageError("a record's arrival time must be timezone-aware")
+        set_shard, set_sequence, set_key, set_data, set_arrival = _RECORD_SLOTS
+        set_shard(self, shard_id)
+        set_sequence(self, sequence_number)
+        set_key(self, partition_key)
+        set_data(self, data)
+        set_arrival(self, arrival)
+
+    @property
+    def arrival(self) -> dt.datetime:
+        """When Kinesis received the record, in UTC."""
+        arrival = self._arrival
+        return arrival if arrival.tzinfo is dt.UTC else arrival.astimezone(dt.UTC)
+
+    def _key(self) -> tuple[str, int, str, bytes, dt.datetime]:
+        # Aware datetimes compare and hash by instant, whatever their zone.
+        return (self.shard_id, self.sequence_number, self.partition_key, self.data, self._arrival)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StreamRecord):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamRecord(shard_id={self.shard_id!r}, sequence_number={self.sequence_number}, "
+            f"partition_key={self.partition_key!r}, data={self.data!r}, "
+            f"arrival={self.arrival!r})"
+        )
+
+    def __reduce__(self) -> tuple[type[StreamRecord], tuple[str, int, str, bytes, dt.datetime]]:
+        # copy and pickle rebuild through __init__: restoring slots one by one would meet the
+        # refusing __setattr__ below.
+        return (StreamRecord, self._key())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"StreamRecord is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"StreamRecord is immutable: cannot delete {name!r}")
 
     @classmethod
     def from_aws(cls, shard_id: str, data: Mapping[str, Any]) -> StreamRecord:
@@ -223,7 +307,7 @@ class StreamRecord:
             DecodeError: a field is missing or has the wrong type.
         """
         arrival = data.get("ApproximateArrivalTimestamp")
-        if not isinstance(arrival, dt.datetime):
+        if not isinstance(arrival, dt.datetime) or arrival.tzinfo is None:
             raise DecodeError("Records[].ApproximateArrivalTimestamp", "a timestamp", arrival)
         payload = data.get("Data")
         key = data.get("PartitionKey")
@@ -232,12 +316,75 @@ class StreamRecord:
         if not isinstance(key, str):
             raise DecodeError("Records[].PartitionKey", "a string", key)
         return cls(
-            shard_id,
-            parse_sequence_number(data.get("SequenceNumber")),
-            key,
-            payload,
-            arrival.astimezone(dt.UTC),
+            shard_id, parse_sequence_number(data.get("SequenceNumber")), key, payload, arrival
         )
+
+
+# The slots' own descriptors write below StreamRecord's refusing __setattr__: the cheapest way
+# to fill an immutable object in Python (cheaper than object.__setattr__ by name).
+_RECORD_SLOTS: Final[tuple[Callable[[StreamRecord, Any], None], ...]] = tuple(
+    vars(StreamRecord)[name].__set__
+    for name in ("shard_id", "sequence_number", "partition_key", "data", "_arrival")
+)
+
+
+def records_from_aws(shard_id: str, records: object) -> list[StreamRecord]:
+    """Build the records of one GetRecords answer, validated once for the whole batch.
+
+    Args:
+        shard_id: the shard read.
+        records: the answer's ``Records``.
+
+    Returns:
+        The records, in the answer's order (sequence numbers strictly increasing).
+
+    Raises:
+        DecodeError: ``Records`` is not a list, a record lacks a field or has one of the wrong
+            type, or the sequence numbers do not increase.
+    """
+    if not isinstance(records, list):
+        raise DecodeError("Records", "a list", type(records).__name__)
+    built: list[StreamRecord] = []
+    append = built.append
+    new = object.__new__
+    set_shard, set_sequence, set_key, set_data, set_arrival = _RECORD_SLOTS
+    previous = -1
+    for item in records:
+        # The hot path: up to 10,000 records a call, so the checks are inline and the record is
+        # filled through its slots; anything unexpected goes through from_aws for its error.
+        try:
+            text = item["SequenceNumber"]
+            data = item["Data"]
+            key = item["PartitionKey"]
+            arrival = item["ApproximateArrivalTimestamp"]
+        except (KeyError, TypeError):
+            text = data = key = arrival = None
+        if not (
+            type(text) is str
+            and text.isdigit()
+            and text.isascii()
+            and type(data) is bytes
+            and type(key) is str
+            and isinstance(arrival, dt.datetime)
+            and arrival.tzinfo is not None
+        ):
+            if not isinstance(item, Mapping):
+                raise DecodeError("Records[]", "an object", type(item).__name__)
+            record = StreamRecord.from_aws(shard_id, item)  # raises what is wrong
+            sequence = record.sequence_number
+        else:
+            sequence = int(text)
+            record = new(StreamRecord)
+            set_shard(record, shard_id)
+            set_sequence(record, sequence)
+            set_key(record, key)
+            set_data(record, data)
+            set_arrival(record, arrival)
+        append(record)
+        if sequence <= previous:
+            raise DecodeError("Records[].SequenceNumber", "increasing sequence numbers", sequence)
+        previous = sequence
+    return built
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +413,26 @@ class ShardBatch:
             if record.sequence_number <= previous:
                 raise UsageError("batch records must be in increasing sequence order")
             previous = record.sequence_number
+
+    @classmethod
+    def _of_checked(
+        cls,
+        stream: str,
+        shard_id: str,
+        records: tuple[StreamRecord, ...],
+        millis_behind_latest: int | None,
+    ) -> ShardBatch:
+        """Build from records of one shard already known to be in order (validated when the
+        GetRecords answer was read): bisection builds many batches of the same records."""
+        batch = object.__new__(cls)
+        for name, value in (
+            ("stream", stream),
+            ("shard_id", shard_id),
+            ("records", records),
+            ("millis_behind_latest", millis_behind_latest),
+        ):
+            object.__setattr__(batch, name, value)
+        return batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +591,34 @@ class ShardOutcome(enum.Enum):
     STOPPED = "stopped"  # asked to stop; the last batch handled is checkpointed
 
 
+class _Processed(enum.Enum):
+    """How handing one GetRecords answer to the handler went."""
+
+    DONE = "done"  # every record handled and checkpointed, first time
+    AFTER_FAILURES = "after_failures"  # all handled or dead-lettered, some after retries
+    STOPPED = "stopped"  # ``stop`` ended it early; what was handled is checkpointed
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    """One GetRecords answer, read and validated."""
+
+    records: list[StreamRecord]  # after the read position, in order
+    next_iterator: str | None  # ``None``: a closed shard read to its end
+    millis_behind: int | None
+    started: float  # loop time the call went out (pacing counts from it)
+
+
+async def _cancel(task: asyncio.Task[Any], why: str) -> None:
+    """Cancel ``task`` and wait until it has ended: nothing of a reader outlives it."""
+    task.cancel(why)
+    await asyncio.wait([task])
+    if not task.cancelled():
+        # It ended on its own first; its result or failure is no longer wanted (a failure of
+        # a read ahead shows again when the shard is read from the checkpoint).
+        task.exception()
+
+
 class _Next(enum.Enum):
     """What follows a record's failure."""
 
@@ -481,7 +676,11 @@ class ShardConsumer:
         self._config = config
         self.shard_id = lease.shard_id
         self._owner = config.worker_id
-        self._position: int | None = lease.checkpoint
+        self._position: int | None = lease.checkpoint  # the checkpoint: handled up to here
+        # Read up to here: ahead of the checkpoint by the batches fetched but not yet handled.
+        # A fresh iterator starts after it; it falls back to the checkpoint when those batches
+        # are dropped.
+        self._read_position: int | None = lease.checkpoint
         self._latest_since: dt.datetime | None = None
         self.counters = counters or _Counters()
         self._clock = clock
@@ -495,10 +694,10 @@ class ShardConsumer:
             "StreamName": self._config.stream_name,
             "ShardId": self.shard_id,
         }
-        if self._position is not None:
+        if self._read_position is not None:
             request |= {
                 "ShardIteratorType": "AFTER_SEQUENCE_NUMBER",
-                "StartingSequenceNumber": str(self._position),
+                "StartingSequenceNumber": str(self._read_position),
             }
         elif self._latest_since is not None:
             # Started at LATEST with nothing handled yet: re-reading from when we started loses
@@ -558,6 +757,12 @@ class ShardConsumer:
     async def run(self, stop: asyncio.Event) -> ShardOutcome:
         """Read the shard until it ends or ``stop`` is set.
 
+        The next GetRecords call goes out while the handler works on the current batch (one
+        call ahead, never more, still paced to ``poll_interval``): the handler sees batches in
+        shard order, the checkpoint moves only after the handler succeeded, and a batch fetched
+        ahead is dropped, and read again from the checkpoint, whenever the batch before it
+        needed a retry or the reader stops before handling it.
+
         Args:
             stop: set by the owner to ask for a graceful stop (after the current batch).
 
@@ -568,14 +773,88 @@ class ShardConsumer:
             LeaseLostError: another worker took the lease; nothing more was checkpointed.
             DecodeError: AWS answered something malformed.
         """
-        iterator = await self._iterator(stop)
-        idle = self._config.poll_interval
-        wait = 0.0
-        failures = 0
         loop = asyncio.get_running_loop()
-        while iterator is not None:
-            if await _wait_or_stop(stop, wait):
-                return ShardOutcome.STOPPED
+        idle = self._config.poll_interval
+        ahead: asyncio.Task[_Fetched | None] | None = self._fetch_ahead(None, loop.time(), stop)
+        try:
+            while ahead is not None:
+                fetched = await ahead
+                ahead = None
+                if fetched is None:
+                    return ShardOutcome.STOPPED
+                if fetched.next_iterator is not None:
+                    idle = next_poll_delay(
+                        idle,
+                        got_records=bool(fetched.records),
+                        millis_behind=fetched.millis_behind,
+                        config=self._config,
+                    )
+                    ahead = self._fetch_ahead(
+                        fetched.next_iterator, fetched.started + idle + _PACING_MARGIN, stop
+                    )
+                if fetched.records:
+                    processed = await self._process(fetched.records, fetched.millis_behind, stop)
+                    if processed is _Processed.STOPPED:
+                        return ShardOutcome.STOPPED
+                    if processed is _Processed.AFTER_FAILURES and ahead is not None:
+                        # Retries may have taken long: read on from the checkpoint rather than
+                        # from what was fetched before them. The call just cancelled may have
+                        # gone out: wait a whole interval before the next.
+                        await _cancel(ahead, "batch needed retries")
+                        self._read_position = self._position
+                        ahead = self._fetch_ahead(None, loop.time() + idle + _PACING_MARGIN, stop)
+                if fetched.next_iterator is None:
+                    if not await self._persist(
+                        lambda: self._leases.mark_finished(self.shard_id, owner=self._owner), stop
+                    ):
+                        return ShardOutcome.STOPPED  # the next owner reads the (empty) end again
+                    self.counters.finished = True
+                    _log.info("consumer.shard_finished", checkpoint=self._position)
+                    return ShardOutcome.FINISHED
+                if stop.is_set():
+                    # What was fetched ahead is dropped: the next owner reads it from the
+                    # checkpoint.
+                    return ShardOutcome.STOPPED
+            return ShardOutcome.STOPPED  # pragma: no cover - the loop returns from inside
+        finally:
+            if ahead is not None:
+                await _cancel(ahead, "reader ending")
+
+    def _fetch_ahead(
+        self, iterator: str | None, not_before: float, stop: asyncio.Event
+    ) -> asyncio.Task[_Fetched | None]:
+        # A task the reader always awaits, or cancels and awaits, before it ends (run's
+        # finally): not a TaskGroup's, which would wrap a malformed answer's DecodeError in an
+        # ExceptionGroup on its way out of run().
+        return asyncio.create_task(
+            self._fetch(iterator, not_before, stop), name=f"kinesis-fetch-{self.shard_id}"
+        )
+
+    async def _fetch(
+        self, iterator: str | None, not_before: float, stop: asyncio.Event
+    ) -> _Fetched | None:
+        """One GetRecords answer, with throttles, failures and expired iterators dealt with.
+
+        Args:
+            iterator: where to read; ``None`` for a fresh iterator from the read position.
+            not_before: the loop time before which the call must not go out (pacing).
+            stop: ends the waits (pacing, backoff) early.
+
+        Returns:
+            The answer's records after the read position, or ``None`` if ``stop`` came first.
+
+        Raises:
+            DecodeError: AWS answered something malformed.
+        """
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            if await _wait_or_stop(stop, not_before - loop.time()):
+                return None
+            if iterator is None:
+                iterator = await self._iterator(stop)
+                if iterator is None:
+                    return None
             started = loop.time()
             try:
                 async with aws_errors(
@@ -586,40 +865,33 @@ class ShardConsumer:
                     )
             except IteratorExpiredError:
                 self.counters.iterator_refreshes += 1
-                _log.info("consumer.iterator_expired", checkpoint=self._position)
-                iterator = await self._iterator(stop)
-                wait = 0.0
+                _log.info(
+                    "consumer.iterator_expired",
+                    checkpoint=self._position,
+                    read_position=self._read_position,
+                )
+                iterator, not_before = None, 0.0
                 continue
             except (ThrottledError, AwsServiceError, AwsTransportError) as exc:
                 self._count_failure(exc)
-                wait = self._aws_backoff(failures)
+                not_before = loop.time() + self._aws_backoff(failures)
                 failures += 1
                 continue
-            failures = 0
             behind = answer.get("MillisBehindLatest")
-            self.counters.millis_behind_latest = behind if isinstance(behind, int) else None
-            records = [StreamRecord.from_aws(self.shard_id, r) for r in answer.get("Records", [])]
-            if self._position is not None:
-                # A fresh iterator can start at or before the checkpoint: those are handled.
-                records = [r for r in records if r.sequence_number > self._position]
-            if records and not await self._process(
-                records, self.counters.millis_behind_latest, stop
-            ):
-                return ShardOutcome.STOPPED
-            iterator = answer.get("NextShardIterator")
-            if iterator is None:
-                if not await self._persist(
-                    lambda: self._leases.mark_finished(self.shard_id, owner=self._owner), stop
-                ):
-                    return ShardOutcome.STOPPED  # the next owner reads the (empty) end again
-                self.counters.finished = True
-                _log.info("consumer.shard_finished", checkpoint=self._position)
-                return ShardOutcome.FINISHED
-            idle = next_poll_delay(
-                idle, got_records=bool(records), millis_behind=behind, config=self._config
-            )
-            wait = max(0.0, started + idle - loop.time())
-        return ShardOutcome.STOPPED
+            behind = behind if isinstance(behind, int) else None
+            self.counters.millis_behind_latest = behind
+            records = records_from_aws(self.shard_id, answer.get("Records", []))
+            after = self._read_position
+            if records and after is not None and records[0].sequence_number <= after:
+                # A fresh iterator can start at or before the read position: those are held
+                # or handled already.
+                records = [r for r in records if r.sequence_number > after]
+            if records:
+                self._read_position = records[-1].sequence_number
+            next_iterator = answer.get("NextShardIterator")
+            if next_iterator is not None and not isinstance(next_iterator, str):
+                raise DecodeError("NextShardIterator", "a string", type(next_iterator).__name__)
+            return _Fetched(records, next_iterator, behind, started)
 
     async def _persist(self, write: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
         """Run a lease-store write, retrying store failures; ``False`` if ``stop`` came first.
@@ -668,35 +940,40 @@ class ShardConsumer:
 
     async def _process(
         self, records: list[StreamRecord], behind: int | None, stop: asyncio.Event
-    ) -> bool:
-        """Hand ``records`` to the handler under the processing contract.
+    ) -> _Processed:
+        """Hand ``records`` (in order, of this shard) to the handler under the processing
+        contract.
 
         Returns:
-            ``False`` when ``stop`` ended processing early; everything handled up to then is
+            ``STOPPED`` when ``stop`` ended processing early: everything handled up to then is
             checkpointed, unless the store failed too (then the next owner repeats it).
+            ``AFTER_FAILURES`` when every record was handled or dead-lettered but some only
+            after a failure; ``DONE`` otherwise.
         """
         pending = records
         size = len(pending)  # records per handler call: the whole batch unless narrowing
         narrowing = False  # bisecting towards a record that fails without being named
         attempts = 0  # failed attempts of pending[0], once it is alone
+        failed = False
         while pending:
             if stop.is_set():
                 # Everything handled so far is checkpointed; the rest is the next owner's.
-                return False
-            batch = ShardBatch(
+                return _Processed.STOPPED
+            batch = ShardBatch._of_checked(
                 self._config.stream_name, self.shard_id, tuple(pending[:size]), behind
             )
             failure = await self._call_handler(batch)
             if failure is None:
                 self._handled(len(batch.records))
                 if not await self._checkpoint(batch.records[-1].sequence_number, stop):
-                    return False
+                    return _Processed.STOPPED
                 pending = pending[len(batch.records) :]
                 if attempts:  # a record that failed alone succeeded on retry: back to batches
                     narrowing, attempts = False, 0
                 size = min(size, len(pending)) if narrowing else len(pending)
                 continue
             index, reason = failure
+            failed = True
             if index < 0 and len(batch.records) > 1:
                 # The batch failed without saying which record: bisect, without waiting, until
                 # the failing record is alone. Halves that succeed keep the narrowed size.
@@ -706,20 +983,20 @@ class ShardConsumer:
             if index > 0:
                 self._handled(index)
                 if not await self._checkpoint(batch.records[index - 1].sequence_number, stop):
-                    return False
+                    return _Processed.STOPPED
                 pending = pending[index:]
                 attempts = 0
             attempts += 1
             size = 1  # retry the failing record alone
             match await self._after_failure(pending[0], attempts, reason, stop):
                 case _Next.STOP:
-                    return False
+                    return _Processed.STOPPED
                 case _Next.BURIED:
                     pending = pending[1:]
                     size, narrowing, attempts = len(pending), False, 0
                 case _Next.RETRY:
                     pass
-        return True
+        return _Processed.AFTER_FAILURES if failed else _Processed.DONE
 
     def _handled(self, count: int) -> None:
         self.counters.handled(count, self._clock())

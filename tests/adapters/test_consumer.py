@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import datetime as dt
+import itertools
 import json
+import pickle
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,12 +30,15 @@ from cloud_daemon.consumer import (
     Handler,
     RecordFailure,
     ShardBatch,
+    ShardConsumer,
+    ShardOutcome,
     StartPosition,
     StreamConsumer,
     StreamRecord,
     backoff_delay,
     failure_verdict,
     next_poll_delay,
+    records_from_aws,
 )
 from cloud_daemon.deadletter import DeadLetter, JsonLinesDeadLetter, MemoryDeadLetter
 from cloud_daemon.errors import AwsTransportError
@@ -163,6 +170,78 @@ def test_record_from_aws_uses_integer_sequence_numbers() -> None:
     assert parsed.sequence_number == 49590338271490256608559692538361571095921575989136588898
     with pytest.raises(DecodeError):
         StreamRecord.from_aws("s0", {"SequenceNumber": "1", "Data": b"", "PartitionKey": "k"})
+
+
+def aws_record(seq: int, **changes: Any) -> dict[str, Any]:
+    """One element of GetRecords' ``Records`` as aiobotocore returns it."""
+    local = dt.timezone(dt.timedelta(hours=2))  # botocore's timestamps are in the local zone
+    return {
+        "SequenceNumber": str(seq),
+        "ApproximateArrivalTimestamp": (T0 + dt.timedelta(milliseconds=seq % 1000)).astimezone(
+            local
+        ),
+        "Data": f"d{seq}".encode(),
+        "PartitionKey": f"k{seq % 3}",
+    } | changes
+
+
+def test_records_of_an_answer_match_record_by_record_parsing() -> None:
+    answer = [aws_record(seq) for seq in (5, 6, 90, 2**120)]
+    built = records_from_aws("s0", answer)
+    assert built == [StreamRecord.from_aws("s0", r) for r in answer]
+    assert [r.sequence_number for r in built] == [5, 6, 90, 2**120]
+    assert built[2].arrival == T0 + dt.timedelta(milliseconds=90)
+    assert built[2].arrival.tzinfo is dt.UTC  # converted on reading, whatever botocore's zone
+    assert (built[2].shard_id, built[2].partition_key, built[2].data) == ("s0", "k0", b"d90")
+    assert records_from_aws("s0", []) == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "field"),
+    [
+        ([aws_record(1), aws_record(3), aws_record(2)], "Records[].SequenceNumber"),
+        ([aws_record(4), aws_record(4)], "Records[].SequenceNumber"),  # a repeat
+        ([aws_record(1, SequenceNumber="-1")], "SequenceNumber"),
+        ([aws_record(1, SequenceNumber="1_0")], "SequenceNumber"),
+        ([aws_record(1, SequenceNumber="\u0661")], "SequenceNumber"),  # a digit, not ASCII
+        ([aws_record(1, Data="text")], "Records[].Data"),
+        ([aws_record(1, PartitionKey=7)], "Records[].PartitionKey"),
+        ([aws_record(1, ApproximateArrivalTimestamp=T0.replace(tzinfo=None))], "Records[]."),
+        ([{"SequenceNumber": "1", "Data": b"", "PartitionKey": "k"}], "Records[]."),
+        ([aws_record(1), "not a record"], "Records[]"),
+        ({"Records": []}, "Records"),
+    ],
+)
+def test_a_malformed_answer_is_refused_as_a_whole(answer: Any, field: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        records_from_aws("s0", answer)
+    assert caught.value.field.startswith(field)
+
+
+def test_records_are_immutable_values() -> None:
+    one = record(7)
+    with pytest.raises(AttributeError):
+        one.sequence_number = 8
+    with pytest.raises(AttributeError):
+        del one.data
+    zone = dt.timezone(dt.timedelta(hours=-5))
+    same = StreamRecord("s0", 7, "k", b"x", T0.astimezone(zone))
+    assert same == one
+    assert hash(same) == hash(one)
+    assert len({one, same, record(8)}) == 2
+    assert same.arrival.tzinfo is dt.UTC
+    assert copy.copy(one) == one
+    assert pickle.loads(pickle.dumps(one)) == one  # noqa: S301 - our own bytes, just made
+    assert "sequence_number=7" in repr(one)
+    with pytest.raises(UsageError):
+        StreamRecord("s0", 1, "k", b"", T0.replace(tzinfo=None))
+    with pytest.raises(UsageError):
+        StreamRecord("s0", -1, "k", b"", T0)
+    match one:
+        case StreamRecord("s0", 7, "k"):
+            pass
+        case _:  # pragma: no cover - the match must take the first arm
+            pytest.fail("positional match on a record")
 
 
 # --- against the sandbox -------------------------------------------------------------------
@@ -532,8 +611,9 @@ async def test_expired_iterators_are_replaced_from_the_checkpoint(
         kinesis=kinesis,
         leases=MemoryLeaseStore(),
         # slower than the iterator lifetime: the next iterator has expired when it is used
+        # (from the third batch of a shard on: the first reads ahead come sooner)
         handler=recorder.handler(delay=0.5),
-        config=fast_config(stream, batch_limit=40),
+        config=fast_config(stream, batch_limit=16),
         dead_letter=MemoryDeadLetter(),
     ) as consumer:
         await recorder.wait_for(set(put), within=40)
@@ -873,6 +953,240 @@ async def test_a_missing_stream_ends_the_consumer(
             await asyncio.Event().wait()
     (error,) = caught.value.exceptions
     assert type(error).__name__ == "ResourceNotFoundError"
+
+
+# --- reading ahead: the next GetRecords call while the handler works ------------------------
+
+
+@dataclass
+class Span:
+    started: float
+    ended: float | None = None
+
+
+class KinesisLog:
+    """The real Kinesis client, with GetRecords calls timed and GetShardIterator requests kept;
+    calls after the first ``hold_after`` wait at ``gate`` (a slow call, held open by the test)."""
+
+    def __init__(self, client: Any, *, hold_after: int | None = None) -> None:
+        self._client = client
+        self.hold_after = hold_after
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()
+        self.calls: list[Span] = []
+        self.cancelled = 0
+        self.answered = asyncio.Event()
+        self.iterator_requests: list[dict[str, Any]] = []
+
+    async def get_records(self, **request: Any) -> Any:
+        span = Span(time.monotonic())
+        self.calls.append(span)
+        try:
+            if self.hold_after is not None and len(self.calls) > self.hold_after:
+                self.held.set()
+                await self.gate.wait()
+            answer = await self._client.get_records(**request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        span.ended = time.monotonic()
+        self.answered.set()
+        return answer
+
+    async def get_shard_iterator(self, **request: Any) -> Any:
+        self.iterator_requests.append(request)
+        return await self._client.get_shard_iterator(**request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def wait_answers(self, count: int, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while sum(c.ended is not None for c in self.calls) < count:
+                self.answered.clear()
+                await self.answered.wait()
+
+
+def fetch_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("kinesis-fetch-")]
+
+
+@sandboxed
+async def test_a_failing_batch_drops_the_batch_read_ahead_and_rereads_from_its_checkpoint(
+    kinesis: Any,
+) -> None:
+    stream = kf.unique_name("ahead-fail")
+    (shard,) = await kf.create_stream(kinesis, stream, 1)
+    put = await kf.put_records(kinesis, stream, items(60, 6))
+    poison = put[5]  # in the first batch of 20
+    failures_left = [2]
+
+    def raises(r: StreamRecord) -> bool:
+        if r.sequence_number == poison and failures_left[0] > 0:
+            failures_left[0] -= 1
+            return True
+        return False
+
+    recorder = Recorder()
+    inner = recorder.handler(raises=raises)
+    handling: list[Span] = []
+
+    async def handle(batch: ShardBatch) -> RecordFailure | None:
+        span = Span(time.monotonic())
+        handling.append(span)
+        if len(handling) == 1:
+            await asyncio.sleep(0.5)  # long enough for the next batch to be read meanwhile
+        try:
+            return await inner(batch)
+        finally:
+            span.ended = time.monotonic()
+
+    logged = KinesisLog(kinesis)
+    store = MemoryLeaseStore()
+    dead = MemoryDeadLetter()
+    async with StreamConsumer(
+        kinesis=logged,
+        leases=store,
+        handler=handle,
+        config=fast_config(stream, batch_limit=20, retry_attempts=5),
+        dead_letter=dead,
+    ):
+        await recorder.wait_for(set(put))
+    assert recorder.sequences() == put  # nothing skipped, nothing repeated, in order
+    assert dead.letters == []
+    assert store.rows[shard].checkpoint == put[-1]
+    # The second call went out while the handler still held the first batch...
+    first = handling[0]
+    assert first.ended is not None
+    assert first.started < logged.calls[1].started < first.ended
+    # ...and its batch was dropped after the failures: the reader went back to the checkpoint.
+    rereads = [
+        r for r in logged.iterator_requests if r.get("ShardIteratorType") == "AFTER_SEQUENCE_NUMBER"
+    ]
+    assert [r["StartingSequenceNumber"] for r in rereads] == [str(put[19])]
+    # Calls stay paced to the interval, reads ahead included.
+    starts = [c.started for c in logged.calls]
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2
+
+
+@sandboxed
+async def test_reading_ahead_overlaps_the_handler_and_keeps_the_pace(kinesis: Any) -> None:
+    stream = kf.unique_name("ahead")
+    (shard,) = await kf.create_stream(kinesis, stream, 1)
+    put = await kf.put_records(kinesis, stream, items(100, 10))
+    recorder = Recorder()
+    inner = recorder.handler(delay=0.3)
+    handling: list[Span] = []
+
+    async def handle(batch: ShardBatch) -> RecordFailure | None:
+        span = Span(time.monotonic())
+        handling.append(span)
+        try:
+            return await inner(batch)
+        finally:
+            span.ended = time.monotonic()
+
+    logged = KinesisLog(kinesis)
+    store = MemoryLeaseStore()
+    async with StreamConsumer(
+        kinesis=logged,
+        leases=store,
+        handler=handle,
+        config=fast_config(stream, batch_limit=20),
+        dead_letter=MemoryDeadLetter(),
+    ):
+        await recorder.wait_for(set(put))
+    assert recorder.sequences() == put
+    assert store.rows[shard].checkpoint == put[-1]
+    assert len(handling) == 5
+    starts = [c.started for c in logged.calls]
+    for span in handling:
+        # while the handler holds a batch, the call reading the next one goes out
+        assert span.ended is not None
+        assert any(span.started < start < span.ended for start in starts)
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2  # still 5 calls/s at most
+    # Only the reader's first iterator: nothing was dropped or read again.
+    assert [r["ShardIteratorType"] for r in logged.iterator_requests] == ["TRIM_HORIZON"]
+
+
+@pytest.mark.parametrize("ahead", ["in_flight", "answered", "reader_cancelled"])
+@sandboxed
+async def test_stopping_with_a_read_ahead_loses_nothing_and_checkpoints_what_was_handled(
+    kinesis: Any, ahead: str
+) -> None:
+    stream = kf.unique_name("ahead-stop")
+    (shard,) = await kf.create_stream(kinesis, stream, 1)
+    put = await kf.put_records(kinesis, stream, items(40, 4))
+    store = MemoryLeaseStore()
+    config = fast_config(stream, batch_limit=20)
+    recorder = Recorder()
+    inner = recorder.handler()
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(batch: ShardBatch) -> RecordFailure | None:
+        entered.set()
+        await release.wait()
+        return await inner(batch)
+
+    async def reader(kinesis: Any, handler: Handler, stop: asyncio.Event) -> ShardOutcome:
+        lease = await store.acquire(
+            shard,
+            owner="w1",
+            expected_counter=store.rows[shard].counter if shard in store.rows else None,
+            now=time.time(),
+            duration=30.0,
+        )
+        consumer = ShardConsumer(
+            kinesis=kinesis,
+            leases=store,
+            handler=handler,
+            dead_letter=MemoryDeadLetter(),
+            config=config,
+            lease=lease,
+        )
+        return await consumer.run(stop)
+
+    logged = KinesisLog(kinesis, hold_after=1 if ahead != "answered" else None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reader(logged, handle, stop), name="test-reader")
+    async with asyncio.timeout(10):
+        await entered.wait()  # the first batch is with the handler...
+        if ahead == "answered":
+            await logged.wait_answers(2)  # ...and the second has been read
+        else:
+            await logged.held.wait()  # ...and the call reading the second is in flight
+    if ahead == "reader_cancelled":
+        task.cancel("drain timeout")  # the owner gave up waiting for the handler
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await task
+        expected_checkpoint = None
+        handled: list[int] = []
+    else:
+        stop.set()
+        release.set()
+        async with asyncio.timeout(10):
+            assert await task is ShardOutcome.STOPPED
+        expected_checkpoint = put[19]
+        handled = put[:20]
+    assert recorder.sequences() == handled  # the batch read ahead was not handled...
+    assert store.rows[shard].checkpoint == expected_checkpoint  # ...nor checkpointed
+    assert fetch_tasks() == []  # nothing of the reader outlives it
+    if ahead != "answered":
+        assert logged.cancelled == 1
+
+    # The next owner starts from the checkpoint: every record exactly once overall.
+    release.set()
+    logged.gate.set()
+    store.rows[shard] = dataclasses.replace(store.rows[shard], owner=None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reader(kinesis, inner, stop), name="test-next-owner")
+    await recorder.wait_for(set(put))
+    stop.set()
+    async with asyncio.timeout(10):
+        assert await task is ShardOutcome.STOPPED
+    assert recorder.sequences() == put
+    assert store.rows[shard].checkpoint == put[-1]
 
 
 # --- consumers in processes of their own: SIGKILL and SIGTERM ------------------------------
