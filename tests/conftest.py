@@ -17,6 +17,12 @@ sandbox's objects (emulator, brokers) directly from a test's loop.
 
 Systems, broker accounts and certificates are not removed between tests: tests stay apart by
 using fresh serials and thing names.
+
+The secret guard (``tests/secret_guard.py``, loaded here for the whole suite) fails a test whose
+captured output or ``capture_logs()`` events hold a secret, and the run when a ``*.log`` file
+under the base temporary directory does. The session sandbox tells it its secrets (client
+secret, device passwords, private keys, every token the emulator issues); a test that makes a
+secret of its own adds it with the ``secret_registry`` fixture.
 """
 
 from __future__ import annotations
@@ -30,15 +36,48 @@ import pytest
 if TYPE_CHECKING:
     # Imported where used: aiobotocore and aiohttp cost ~0.5 s, which unit-only runs need not pay.
     from sandbox.world import DeviceCredentials, Sandbox, SandboxThread
+    from tests.secret_guard import SecretRegistry
+
+# pytester runs the secret guard's own tests in a pytest run of their own.
+pytest_plugins = ("tests.secret_guard", "pytester")
+
+
+async def _live_secrets(world: Sandbox) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The gateways' passwords and the emulator's tokens, read on the sandbox's loop."""
+    return (
+        tuple(device.password for device in world.devices),
+        world.emulator.issued_tokens,
+    )
 
 
 @pytest.fixture(scope="session")
-def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxThread]:
+def shared_sandbox(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[SandboxThread]:
     """The session's sandbox (started on first use, stopped after the last test)."""
     from sandbox.world import SandboxThread
 
+    # Imported here: pytest_plugins imports the guard first, so its asserts get rewritten.
+    from tests.secret_guard import guard_of
+
+    guard = guard_of(pytestconfig)
     with SandboxThread(tmp_path_factory.mktemp("sandbox")) as running:
-        yield running
+        description = running.description
+        guard.registry.learn_description(description.to_json())
+        guard.registry.learn_private_keys(description.directory)
+
+        def learn(registry: SecretRegistry) -> None:
+            passwords, tokens = running.run_sync(_live_secrets, timeout=5.0)
+            for password in passwords:
+                registry.offer(password, kind="device password")
+            for token in tokens:
+                registry.offer(token, kind="AirVantage token")
+
+        guard.watch(learn)
+        try:
+            yield running
+        finally:
+            guard.unwatch(learn)
 
 
 @pytest.fixture
