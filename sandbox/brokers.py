@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sandbox.errors import BrokerReloadError, BrokerStartError, SandboxUsageError
-from sandbox.pki import SandboxPki
+from sandbox.pki import SandboxPki, write_atomic
 from ztp_daemon.mqtt_wire import utf8_string, variable_byte_integer
 
 __all__ = [
@@ -174,19 +174,6 @@ class ClientCertificate:
     serial: int
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` with ``mode`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.chmod(mode)  # O_CREAT's mode is filtered by the umask; this one is not
-    tmp.replace(path)
-
-
 def write_client_certificate(
     pki: SandboxPki,
     common_name: str,
@@ -221,8 +208,8 @@ def write_client_certificate(
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_atomic(key_file, key_pem, 0o600)
-    _write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_file, key_pem, 0o600)
+    write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return ClientCertificate(common_name, cert_file, key_file, cert.serial_number)
 
 
@@ -554,7 +541,7 @@ class _Mosquitto(abc.ABC):
             f"listener {self._port} {LOOPBACK}",
             *self._listener_lines(),
         ]
-        _write_atomic(self.config_file, ("\n".join(lines) + "\n").encode(), 0o600)
+        write_atomic(self.config_file, ("\n".join(lines) + "\n").encode(), 0o600)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -902,13 +889,13 @@ class DeviceBroker(_Mosquitto):
             f"user {self._admin_username}",
             "topic readwrite #",
         ]
-        _write_atomic(self.acl_file, ("\n".join(acl) + "\n").encode(), 0o644)
+        write_atomic(self.acl_file, ("\n".join(acl) + "\n").encode(), 0o644)
         entries = {
             **self._hashes,
             self._admin_username: mosquitto_password_hash(self._admin_password),
         }
         text = "".join(f"{user}:{hashed}\n" for user, hashed in entries.items())
-        _write_atomic(self.password_file, text.encode(), 0o600)
+        write_atomic(self.password_file, text.encode(), 0o600)
 
     def _probe_tls(self) -> ssl.SSLContext | None:
         if not self._tls:
@@ -1095,7 +1082,7 @@ class IotBroker(_Mosquitto):
             "topic read #",
             "topic read $aws/#",
         ]
-        _write_atomic(self.acl_file, ("\n".join(acl) + "\n").encode(), 0o644)
+        write_atomic(self.acl_file, ("\n".join(acl) + "\n").encode(), 0o644)
         if not self._pki.crl_file.exists():
             self._pki.write_crl(())
 

@@ -24,30 +24,47 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["SandboxPki", "issue_certificate"]
+__all__ = ["SandboxPki", "issue_certificate", "write_atomic"]
 
 _VALIDITY = dt.timedelta(days=3650)
 # Backdated so a certificate is valid at once, whatever small skew the clock has.
 _BACKDATE = dt.timedelta(minutes=5)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key 0600, atomically (temporary file, fsync, rename)."""
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` and permission bits ``mode``, atomically.
+
+    Written to a temporary file beside it, fsynced and renamed over it, so a reader (mosquitto
+    reloading, a test) sees the old file or the new one, never a torn one. The sandbox's private
+    keys and password files go through here with 0600.
+
+    Args:
+        path: the file to replace.
+        data: its new content.
+        mode: its permission bits.
+
+    Raises:
+        OSError: a step failed; ``path`` is then unchanged.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+    tmp.chmod(mode)  # O_CREAT's mode is filtered by the umask, and a stale file keeps its own
     tmp.replace(path)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    write_atomic(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_atomic(path, data, 0o644)
 
 
 def issue_certificate(

@@ -35,7 +35,7 @@ from sandbox.brokers import (
     write_client_certificate,
 )
 from sandbox.errors import BrokerStartError, SandboxUsageError
-from sandbox.pki import SandboxPki
+from sandbox.pki import SandboxPki, write_atomic
 
 TLS12 = ssl.TLSVersion.TLSv1_2
 
@@ -273,6 +273,25 @@ def test_password_hash_is_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
     assert (scheme, iterations) == ("7", "101")
     ours = mosquitto_password_hash("s3cret pass", salt=base64.b64decode(salt_b64))
     assert ours == written
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+def test_atomic_write_sets_the_exact_mode_over_a_stale_temporary_file(
+    tmp_path: Path, mode: int
+) -> None:
+    target = tmp_path / "key.pem"
+    target.write_bytes(b"old")
+    stale = tmp_path / ".key.pem.tmp"  # left by a writer killed mid-way, too wide
+    stale.write_bytes(b"torn")
+    stale.chmod(0o666)
+    previous = os.umask(0o077)
+    try:
+        write_atomic(target, b"new" * 10_000, mode)
+    finally:
+        os.umask(previous)
+    assert target.read_bytes() == b"new" * 10_000
+    assert target.stat().st_mode & 0o777 == mode
+    assert not stale.exists()
 
 
 async def test_tls_device_broker_connects_with_the_sandbox_ca(
