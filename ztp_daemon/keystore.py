@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from ztp_daemon.csr import CsrSubject, build_csr
 from ztp_daemon.errors import StorageError
-from ztp_daemon.state import atomic_write, ensure_private_directory
+from ztp_daemon.state import atomic_write, ensure_private_directory, read_if_present
 
 __all__ = ["FileKeyHandle", "FileKeyStore", "KeyHandle", "KeyStore", "KeyType"]
 
@@ -199,12 +199,9 @@ class FileKeyStore(KeyStore):
 
     def load(self) -> FileKeyHandle | None:
         """Return the stored key, or ``None``; see :meth:`KeyStore.load`."""
-        try:
-            data = self._path.read_bytes()
-        except FileNotFoundError:
+        data = read_if_present(self._path)
+        if data is None:
             return None
-        except OSError as exc:
-            raise StorageError(str(self._path), "read", exc.strerror or str(exc)) from exc
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:

@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write",
     "ensure_private_directory",
     "fsync_directory",
+    "read_if_present",
     "record_from_json",
     "record_to_json",
 ]
@@ -95,6 +96,27 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StorageError(str(path), "write", exc.strerror or str(exc)) from exc
+
+
+def read_if_present(path: Path) -> bytes | None:
+    """Read a stored file whose absence is a normal state (a fresh gateway has none yet).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its bytes, or ``None`` when it does not exist.
+
+    Raises:
+        StorageError: it exists but cannot be read. The caller must not treat that as absent:
+            starting afresh over an unreadable key or record would make a second key.
+    """
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(str(path), "read", exc.strerror or str(exc)) from exc
 
 
 def record_to_json(record: StateRecord) -> bytes:
@@ -175,12 +197,9 @@ class StateFile:
             StorageError: the file exists but cannot be read or does not decode. The daemon must
                 not silently start afresh over it: that would make a second key.
         """
-        try:
-            data = self._path.read_bytes()
-        except FileNotFoundError:
+        data = read_if_present(self._path)
+        if data is None:
             return None
-        except OSError as exc:
-            raise StorageError(str(self._path), "read", exc.strerror or str(exc)) from exc
         try:
             record = record_from_json(data)
         except ValueError as exc:
