@@ -19,7 +19,6 @@ from typing import Any
 import aiomqtt
 import pytest
 import pytest_asyncio
-from aiobotocore.session import get_session
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from structlog.testing import capture_logs
 
@@ -45,7 +44,6 @@ from cloud_daemon.handler import (
 from cloud_daemon.intake import Intake
 from cloud_daemon.ledger import IssuanceState, SqliteLedger
 from cloud_daemon.ratelimit import Backoff
-from sandbox.airvantage import AirVantageEmulator
 from sandbox.aws import MotoSandbox
 from shared.airvantage import Ack, CommandTask, acks_topic, encode_acks
 from shared.config import Secret
@@ -58,9 +56,9 @@ from tests.adapters.test_issuer import (
     E2EDevice,
     active_for_thing,
     certificates,
-    e2e_model,
     make_issuer,
     new_serial,
+    open_cloud_peers,
     request_csr,
     request_points,
 )
@@ -212,29 +210,8 @@ class Rig:
 
     async def __aenter__(self) -> Rig:
         stack = self.stack
-        session = get_session()
-        self.kinesis = await stack.enter_async_context(
-            session.create_client("kinesis", **self.aws.client_kwargs())
-        )
-        self.iot = await stack.enter_async_context(
-            session.create_client("iot", **self.aws.client_kwargs())
-        )
-        await self.kinesis.create_stream(StreamName=self.stream, ShardCount=1)
-        self.emulator = await stack.enter_async_context(
-            AirVantageEmulator(
-                broker_host=self.broker.host,
-                broker_port=self.broker.port,
-                admin_username=None,
-                admin_password=None,
-                aws_endpoint_url=self.aws.endpoint_url,
-                region=self.aws.region,
-                stream_name=self.stream,
-                client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                model=e2e_model(),
-                redelivery_interval=None,
-                **self.emulator_options,
-            )
+        self.kinesis, self.iot, self.emulator = await open_cloud_peers(
+            stack, self.aws, self.broker, stream=self.stream, **self.emulator_options
         )
         self.ledger = await stack.enter_async_context(
             SqliteLedger(self.tmp_path / "ledger.sqlite3")

@@ -492,6 +492,45 @@ def e2e_model() -> ApplicationModel:
     )
 
 
+async def open_cloud_peers(
+    stack: contextlib.AsyncExitStack,
+    aws: MotoSandbox,
+    broker: Broker,
+    *,
+    stream: str,
+    **emulator_options: Any,
+) -> tuple[Any, Any, AirVantageEmulator]:
+    """The cloud daemon's peers, closed with ``stack``: Kinesis and IoT clients on the moto
+    server, ``stream`` (one shard), and the AirVantage emulator putting device messages into it.
+
+    Returns:
+        (kinesis client, IoT client, emulator).
+    """
+    session = get_session()
+    kinesis = await stack.enter_async_context(
+        session.create_client("kinesis", **aws.client_kwargs())
+    )
+    iot = await stack.enter_async_context(session.create_client("iot", **aws.client_kwargs()))
+    await kinesis.create_stream(StreamName=stream, ShardCount=1)
+    emulator = await stack.enter_async_context(
+        AirVantageEmulator(
+            broker_host=broker.host,
+            broker_port=broker.port,
+            admin_username=None,
+            admin_password=None,
+            aws_endpoint_url=aws.endpoint_url,
+            region=aws.region,
+            stream_name=stream,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            model=e2e_model(),
+            redelivery_interval=None,
+            **emulator_options,
+        )
+    )
+    return kinesis, iot, emulator
+
+
 def transfer_for(request_id: str) -> str:
     return "d-" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
 
@@ -657,28 +696,8 @@ class E2E:
 
     async def __aenter__(self) -> E2E:
         stack = self.stack
-        session = get_session()
-        self.kinesis = await stack.enter_async_context(
-            session.create_client("kinesis", **self.aws.client_kwargs())
-        )
-        self.iot = await stack.enter_async_context(
-            session.create_client("iot", **self.aws.client_kwargs())
-        )
-        await self.kinesis.create_stream(StreamName=self.stream, ShardCount=1)
-        self.emulator = await stack.enter_async_context(
-            AirVantageEmulator(
-                broker_host=self.broker.host,
-                broker_port=self.broker.port,
-                admin_username=None,
-                admin_password=None,
-                aws_endpoint_url=self.aws.endpoint_url,
-                region=self.aws.region,
-                stream_name=self.stream,
-                client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                model=e2e_model(),
-                redelivery_interval=None,
-            )
+        self.kinesis, self.iot, self.emulator = await open_cloud_peers(
+            stack, self.aws, self.broker, stream=self.stream
         )
         self.ledger = await stack.enter_async_context(SqliteLedger(self.ledger_path))
         self.client = await stack.enter_async_context(

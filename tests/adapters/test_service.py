@@ -30,7 +30,6 @@ from cloud_daemon.config import (
 )
 from cloud_daemon.leases import DynamoLeaseStore, SqliteLeaseStore
 from cloud_daemon.service import serve
-from sandbox.airvantage import AirVantageEmulator
 from sandbox.aws import MotoSandbox
 from shared.errors import ConfigError
 from shared.messages import CertificateDelivery
@@ -40,8 +39,8 @@ from tests.adapters.test_issuer import (
     DEVICE_PASSWORD,
     E2EDevice,
     active_for_thing,
-    e2e_model,
     new_serial,
+    open_cloud_peers,
     request_csr,
     request_points,
 )
@@ -171,27 +170,8 @@ class Running:
 
     async def __aenter__(self) -> Running:
         stack = self.stack
-        self.kinesis = await stack.enter_async_context(
-            get_session().create_client("kinesis", **self.aws.client_kwargs())
-        )
-        self.iot = await stack.enter_async_context(
-            get_session().create_client("iot", **self.aws.client_kwargs())
-        )
-        await self.kinesis.create_stream(StreamName=self.stream, ShardCount=1)
-        self.emulator = await stack.enter_async_context(
-            AirVantageEmulator(
-                broker_host=self.broker.host,
-                broker_port=self.broker.port,
-                admin_username=None,
-                admin_password=None,
-                aws_endpoint_url=self.aws.endpoint_url,
-                region=self.aws.region,
-                stream_name=self.stream,
-                client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                model=e2e_model(),
-                redelivery_interval=None,
-            )
+        self.kinesis, self.iot, self.emulator = await open_cloud_peers(
+            stack, self.aws, self.broker, stream=self.stream
         )
         self.http = await stack.enter_async_context(aiohttp.ClientSession())
         return self
