@@ -18,10 +18,10 @@ import signal
 import ssl
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -46,21 +46,9 @@ __all__ = [
     "fast_config",
     "main",
     "observe",
-    "run_on_private_loop",
     "unique_thing_name",
     "wait_until",
 ]
-
-T = TypeVar("T")
-
-
-def run_on_private_loop(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run ``coroutine`` on a fresh loop (brokers outlive the loop that starts them)."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 def unique_thing_name() -> str:

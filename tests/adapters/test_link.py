@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from sandbox.pki import SandboxPki
 from shared.airvantage import Ack, CommandTask, DataPoint, OtherTask
 from shared.config import Secret
 from shared.errors import ConfigError, TransportError
+from tests.sandbox.conftest import running_on_private_loops
 from ztp_daemon.config import load_device_config
 from ztp_daemon.errors import LinkError
 from ztp_daemon.keystore import KeyType
@@ -45,14 +46,6 @@ T = TypeVar("T")
 WAIT = 5.0
 
 
-def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
     return SandboxPki.load_or_create(tmp_path_factory.mktemp("pki"))
@@ -60,12 +53,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[DeviceBroker]:
-    running = DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
-    _run(running.start())
-    try:
+    with running_on_private_loops(
+        DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
+    ) as running:
         yield running
-    finally:
-        _run(running.stop())
 
 
 class Device:

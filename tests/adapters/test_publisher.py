@@ -24,6 +24,7 @@ from sandbox.brokers import ClientCertificate, IotBroker, write_client_certifica
 from sandbox.pki import SandboxPki
 from shared.errors import ConfigError, TransportError, UsageError
 from tests.adapters import publisher_fixtures as pf
+from tests.sandbox.conftest import running_on_private_loops
 from ztp_daemon.bundle import BundleStore
 from ztp_daemon.heartbeat import (
     Heartbeat,
@@ -56,12 +57,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[IotBroker]:
     """A broker shared by the tests that never stop it."""
-    shared = IotBroker(tmp_path_factory.mktemp("iot"), pki=pki)
-    pf.run_on_private_loop(shared.start())
-    try:
+    with running_on_private_loops(IotBroker(tmp_path_factory.mktemp("iot"), pki=pki)) as shared:
         yield shared
-    finally:
-        pf.run_on_private_loop(shared.stop())
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from tests.e2e.device_fixtures import (
     status_json,
 )
 from tests.sandbox.airvantage_fixtures import run_moto
-from tests.sandbox.conftest import run_on_private_loop
+from tests.sandbox.conftest import running_on_private_loops
 from ztp_daemon.bundle import Bundle
 from ztp_daemon.config import load_device_config
 from ztp_daemon.csr import CsrSubject, build_csr
@@ -59,22 +59,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[DeviceBroker]:
-    running = DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
-    run_on_private_loop(running.start())
-    try:
+    with running_on_private_loops(
+        DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
+    ) as running:
         yield running
-    finally:
-        run_on_private_loop(running.stop())
 
 
 @pytest.fixture(scope="module")
 def iot_broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[IotBroker]:
-    running = IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=pki)
-    run_on_private_loop(running.start())
-    try:
+    with running_on_private_loops(
+        IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=pki)
+    ) as running:
         yield running
-    finally:
-        run_on_private_loop(running.stop())
 
 
 @pytest.fixture(scope="module")

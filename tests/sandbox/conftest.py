@@ -15,10 +15,11 @@ which the sandbox's moto server and emulator also write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -37,6 +38,25 @@ def run_on_private_loop(coroutine: Coroutine[Any, Any, T]) -> T:
         loop.close()
 
 
+class _Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+@contextlib.contextmanager
+def running_on_private_loops(broker: S) -> Iterator[S]:
+    """Start ``broker`` on a private loop, yield it, stop it on another (for sync fixtures)."""
+    run_on_private_loop(broker.start())
+    try:
+        yield broker
+    finally:
+        run_on_private_loop(broker.stop())
+
+
 @pytest.fixture(scope="session")
 def sandbox_pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
     """The sandbox CA (and its CRL) for the whole run."""
@@ -48,12 +68,10 @@ def device_broker(
     tmp_path_factory: pytest.TempPathFactory, sandbox_pki: SandboxPki
 ) -> Iterator[DeviceBroker]:
     """A plain-MQTT device broker shared by the run; register devices with fresh serials."""
-    broker = DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=sandbox_pki)
-    run_on_private_loop(broker.start())
-    try:
+    with running_on_private_loops(
+        DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=sandbox_pki)
+    ) as broker:
         yield broker
-    finally:
-        run_on_private_loop(broker.stop())
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +79,10 @@ def iot_broker(
     tmp_path_factory: pytest.TempPathFactory, sandbox_pki: SandboxPki
 ) -> Iterator[IotBroker]:
     """A mutual-TLS IoT broker shared by the run; connect with fresh thing certificates."""
-    broker = IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=sandbox_pki)
-    run_on_private_loop(broker.start())
-    try:
+    with running_on_private_loops(
+        IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=sandbox_pki)
+    ) as broker:
         yield broker
-    finally:
-        run_on_private_loop(broker.stop())
 
 
 @pytest.fixture
