@@ -104,7 +104,13 @@ async def _provisioning(plan: _Plan, log: Callable[[str], None]) -> dict[str, An
         ):
             single = await run_single(sandbox, fleet, runs=plan.single_runs, log=log)
             burst = await run_fleet(sandbox, cloud, fleet, devices=plan.fleet_devices, log=log)
-            bare = await run_bare(sandbox, work / "bare", count=plan.bare_devices, log=log)
+            bare = await run_bare(
+                sandbox,
+                work / "bare",
+                count=plan.bare_devices,
+                log=log,
+                profile=plan.profile_devices > 0,
+            )
     figures: dict[str, Any] = {}
     figures |= single.to_json()
     figures |= burst.to_json()
@@ -247,14 +253,7 @@ def render_markdown(figures: Mapping[str, Any], *, command: str, machine: Mappin
         f" messages/s raw; RSS {outbox.get('rss_mib')} MiB vs "
         f"{outbox.get('import_floor_rss_mib')} MiB import floor."
     )
-    profile = figures.get("cloud_profile")
-    if profile:
-        areas = ", ".join(f"{area} {ms}" for area, ms in profile["ms_per_device"].items())
-        lines.append(
-            f"- ztp-cloud profile (cProfile timed by CPU, {profile['devices']} gateways, "
-            f"whole run with start-up; the profiler inflates every figure alike), ms per "
-            f"gateway by area: {areas}."
-        )
+    lines += _profile_table(figures)
     lines.append(
         f"- cloud timeline over the burst: first certificate minted after "
         f"{figures.get('fleet_cloud_first_minted_s')} s, minting span "
@@ -303,6 +302,34 @@ def _write_report(path: Path, markdown: str) -> None:
     kept = existing[existing.index(ANALYSIS_HEADING) :] if ANALYSIS_HEADING in existing else ""
     text = _INTRO + "## Figures\n\n" + markdown + ("\n" + kept if kept else "")
     path.write_text(text)
+
+
+def _profile_table(figures: Mapping[str, Any]) -> list[str]:
+    cloud = figures.get("cloud_profile")
+    bare = figures.get("bare_calls_profile")
+    if not cloud or not bare:
+        return []
+    lines = [
+        "",
+        f"Profile of the cloud CPU figure: both sides under cProfile timed by CPU (the profiler "
+        f"inflates every figure alike), ms per gateway by area; ztp-cloud over a "
+        f"{cloud['devices']}-gateway burst (whole run, start-up included), the bare loop over "
+        f"{bare['devices']} gateways. AWS API calls per gateway: ztp-cloud "
+        f"{cloud['aws_calls_per_device']}, bare loop {bare['aws_calls_per_device']}.",
+        "",
+        "| area | ztp-cloud | bare loop |",
+        "| --- | ---: | ---: |",
+    ]
+    areas = list(cloud["ms_per_device"])
+    areas += [area for area in bare["ms_per_device"] if area not in areas]
+    for area in areas:
+        ours = cloud["ms_per_device"].get(area, 0.0)
+        theirs = bare["ms_per_device"].get(area, 0.0)
+        lines.append(f"| {area} | {ours:g} | {theirs:g} |")
+    total_ours = round(sum(cloud["ms_per_device"].values()), 2)
+    total_theirs = round(sum(bare["ms_per_device"].values()), 2)
+    lines += [f"| total | {total_ours:g} | {total_theirs:g} |", ""]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import cProfile
 import json
 import pstats
 import resource
+import secrets
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench.common import median
 from bench.fleet import CloudDaemon, DeviceFleet, bench_sandbox, quiet_logs, run_fleet
 from sandbox.world import Sandbox
 
@@ -63,7 +65,9 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _bare_child(endpoint: str, region: str, csrs: Sequence[str], prefix: str) -> int:
+async def _bare_child(
+    endpoint: str, region: str, csrs: Sequence[str], prefix: str, profile: Path | None
+) -> int:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
     from botocore.exceptions import ClientError
@@ -91,6 +95,9 @@ async def _bare_child(endpoint: str, region: str, csrs: Sequence[str], prefix: s
             if exc.response.get("Error", {}).get("Code") != "ResourceAlreadyExistsException":
                 raise
         await iot.describe_endpoint(endpointType="iot:Data-ATS")  # warm-up, not counted
+        profiler = None if profile is None else cProfile.Profile(time.process_time)
+        if profiler is not None:
+            profiler.enable()
         began_cpu, began = _cpu(), time.monotonic()
         for index, csr in enumerate(csrs):
             thing = f"{prefix}{index}"
@@ -102,6 +109,9 @@ async def _bare_child(endpoint: str, region: str, csrs: Sequence[str], prefix: s
             await iot.attach_thing_principal(thingName=thing, principal=arn)
             await iot.attach_policy(policyName=_POLICY, target=arn)
         cpu, wall = _cpu() - began_cpu, time.monotonic() - began
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(profile))
     sys.stdout.write(json.dumps({"cpu_seconds": cpu, "wall_seconds": wall}) + "\n")
     return 0
 
@@ -113,35 +123,76 @@ class BareResult:
     count: int
     cpu_ms_per_device: float
     wall_ms_per_device: float
+    runs_cpu_ms_per_device: tuple[float, ...] = ()
+    profile: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The figures as JSON-ready data."""
-        return {
+        figures: dict[str, Any] = {
             "bare_calls_devices": self.count,
             "bare_calls_cpu_ms_per_device": round(self.cpu_ms_per_device, 2),
             "bare_calls_wall_ms_per_device": round(self.wall_ms_per_device, 2),
+            "bare_calls_runs_cpu_ms_per_device": list(self.runs_cpu_ms_per_device),
         }
+        if self.profile is not None:
+            figures["bare_calls_profile"] = self.profile
+        return figures
 
 
 async def run_bare(
-    sandbox: Sandbox, work: Path, *, count: int, log: Callable[[str], None]
+    sandbox: Sandbox,
+    work: Path,
+    *,
+    count: int,
+    log: Callable[[str], None],
+    repetitions: int = 3,
+    profile: bool = False,
 ) -> BareResult:
-    """Run the baseline loop in a child process against the sandbox's moto (throttling off).
+    """Run the baseline loop in child processes against the sandbox's moto (throttling off).
 
     Args:
         sandbox: the running sandbox.
-        work: where the CSR file goes.
-        count: gateways' worth of calls.
+        work: where the CSR files go.
+        count: gateways' worth of calls per run.
         log: progress lines.
+        repetitions: runs, each in a fresh child (the median is reported).
+        profile: one more run under cProfile (timed by CPU), summarised by area.
 
     Returns:
         The baseline's CPU and wall time per gateway.
 
     Raises:
-        RuntimeError: the child failed.
+        RuntimeError: a child failed.
     """
+    runs = [await _bare_once(sandbox, work, count=count) for _ in range(repetitions)]
+    cpu = median([r[0] for r in runs])
+    wall = median([r[1] for r in runs])
+    summary: dict[str, Any] | None = None
+    if profile:
+        stats = work / "bare.prof"
+        await _bare_once(sandbox, work, count=count, profile=stats)
+        summary = await asyncio.to_thread(profile_summary, stats)
+        _per_device(summary, count)
+    result = BareResult(
+        count=count,
+        cpu_ms_per_device=cpu / count * 1000,
+        wall_ms_per_device=wall / count * 1000,
+        runs_cpu_ms_per_device=tuple(round(r[0] / count * 1000, 2) for r in runs),
+        profile=summary,
+    )
+    log(
+        f"bare aiobotocore loop: {result.cpu_ms_per_device:.2f} ms CPU, "
+        f"{result.wall_ms_per_device:.1f} ms wall per gateway ({count} gateways, "
+        f"runs {list(result.runs_cpu_ms_per_device)} ms)"
+    )
+    return result
+
+
+async def _bare_once(
+    sandbox: Sandbox, work: Path, *, count: int, profile: Path | None = None
+) -> tuple[float, float]:
     await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
-    prefix = f"bare-{int(time.time() * 1000) % 10**8}-"
+    prefix = f"bare-{secrets.token_hex(4)}-"
     csrs_file = work / f"{prefix}csrs.json"
     await asyncio.to_thread(write_csrs, csrs_file, count, prefix=prefix)
     before = await sandbox.aws.config()
@@ -160,6 +211,7 @@ async def run_bare(
             str(csrs_file),
             "--prefix",
             prefix,
+            *([] if profile is None else ["--profile", str(profile)]),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=_PROJECT_ROOT,
@@ -171,16 +223,7 @@ async def run_bare(
         msg = f"the bare-calls child failed ({process.returncode}): {stderr.decode()[-2000:]}"
         raise RuntimeError(msg)
     figures = json.loads(stdout)
-    result = BareResult(
-        count=count,
-        cpu_ms_per_device=figures["cpu_seconds"] / count * 1000,
-        wall_ms_per_device=figures["wall_seconds"] / count * 1000,
-    )
-    log(
-        f"bare aiobotocore loop: {result.cpu_ms_per_device:.2f} ms CPU, "
-        f"{result.wall_ms_per_device:.1f} ms wall per gateway ({count} gateways)"
-    )
-    return result
+    return float(figures["cpu_seconds"]), float(figures["wall_seconds"])
 
 
 #: Where a function's own time is booked, by the first matching fragment of its file or name.
@@ -245,13 +288,28 @@ def profile_summary(path: Path, *, top: int = 10) -> dict[str, Any]:
         functions.append((own, f"{short}:{line} {function}"))
     total = sum(areas.values())
     functions.sort(reverse=True)
+    # Every AWS request is serialized once, whatever the protocol: a count of API calls.
+    aws_calls = sum(
+        timing[1]
+        for (filename, _, function), timing in table.items()
+        if function == "serialize_to_request" and filename.endswith("botocore/serialize.py")
+    )
     return {
         "total_seconds": round(total, 2),
+        "aws_calls": aws_calls,
         "areas": {
             area: round(seconds, 2)
             for area, seconds in sorted(areas.items(), key=lambda item: -item[1])
         },
         "functions": [[name, round(seconds, 3)] for seconds, name in functions[:top]],
+    }
+
+
+def _per_device(summary: dict[str, Any], devices: int) -> None:
+    summary["devices"] = devices
+    summary["aws_calls_per_device"] = round(summary["aws_calls"] / devices, 2)
+    summary["ms_per_device"] = {
+        area: round(seconds / devices * 1000, 2) for area, seconds in summary["areas"].items()
     }
 
 
@@ -275,10 +333,7 @@ async def profile_cloud(work: Path, *, devices: int, log: Callable[[str], None])
     ):
         await run_fleet(sandbox, cloud, fleet, devices=devices, log=log)
     summary = await asyncio.to_thread(profile_summary, stats)
-    summary["devices"] = devices
-    summary["ms_per_device"] = {
-        area: round(seconds / devices * 1000, 2) for area, seconds in summary["areas"].items()
-    }
+    _per_device(summary, devices)
     log(f"cloud profile ({devices} gateways, whole run incl. start-up): {summary['areas']}")
     return summary
 
@@ -321,9 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         child.add_argument("--region", required=True)
         child.add_argument("--csrs", type=Path, required=True)
         child.add_argument("--prefix", required=True)
+        child.add_argument("--profile", type=Path, default=None)
         options = child.parse_args(arguments[1:])
         csrs: list[str] = json.loads(options.csrs.read_text())
-        return asyncio.run(_bare_child(options.endpoint, options.region, csrs, options.prefix))
+        return asyncio.run(
+            _bare_child(options.endpoint, options.region, csrs, options.prefix, options.profile)
+        )
     parser = argparse.ArgumentParser(prog="python -m bench.cloud_cpu", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="60 gateways' calls, not 300")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
