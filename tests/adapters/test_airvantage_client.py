@@ -60,12 +60,12 @@ from shared.messages import (
     decode_delivery,
     fragments_from_params,
 )
+from tests.adapters.kinesis_fixtures import moto_server
 from tests.sandbox.airvantage_fixtures import (
     REGION,
     Broker,
     create_stream,
     run_mosquitto,
-    run_moto,
 )
 
 CLIENT_ID = "ztp-cloud"
@@ -86,7 +86,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    with run_moto() as endpoint:
+    with moto_server() as endpoint:
         yield endpoint
 
 

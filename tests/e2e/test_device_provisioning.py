@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from sandbox.brokers import DeviceBroker, IotBroker, client_tls_context
 from sandbox.pki import SandboxPki
 from shared.messages import CertificateRequest, Provisioned, Rejected
+from tests.adapters.kinesis_fixtures import moto_server
 from tests.e2e.device_fixtures import (
     ENDPOINT,
     OTHER_COMMAND,
@@ -41,7 +42,6 @@ from tests.e2e.device_fixtures import (
     open_cloud,
     status_json,
 )
-from tests.sandbox.airvantage_fixtures import run_moto
 from tests.sandbox.conftest import running_on_private_loops
 from ztp_daemon.bundle import Bundle
 from ztp_daemon.config import load_device_config
@@ -75,7 +75,7 @@ def iot_broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Ite
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    with run_moto() as endpoint:
+    with moto_server() as endpoint:
         yield endpoint
 
 

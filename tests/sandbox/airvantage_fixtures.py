@@ -1,9 +1,9 @@
-"""Minimal real peers for the AirVantage emulator's tests: mosquitto and a moto server.
+"""Minimal real peers for the AirVantage emulator's tests: mosquitto and Kinesis helpers.
 
 Stand-ins until ``sandbox/brokers.py`` and ``sandbox/aws.py`` land: a mosquitto child process
-with a tiny generated configuration (anonymous, ``user root``, ``set_tcp_nodelay true``) and
-moto's threaded server on a free loopback port, plus Kinesis helpers that go through aiobotocore
-exactly as the cloud daemon does.
+with a tiny generated configuration (anonymous, ``user root``, ``set_tcp_nodelay true``), plus
+Kinesis helpers that go through aiobotocore exactly as the cloud daemon does. The moto server
+they talk to is ``tests.adapters.kinesis_fixtures.moto_server``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ __all__ = [
     "kinesis_client",
     "read_stream",
     "run_mosquitto",
-    "run_moto",
 ]
 
 REGION = "eu-west-1"
@@ -101,24 +100,6 @@ def run_mosquitto(directory: Path) -> Iterator[Broker]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@contextlib.contextmanager
-def run_moto() -> Iterator[str]:
-    """Run moto's threaded server on a free loopback port.
-
-    Yields:
-        The endpoint URL to hand to aiobotocore.
-    """
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @contextlib.asynccontextmanager
