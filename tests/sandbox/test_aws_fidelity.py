@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sandbox.aws import MotoSandbox
-from sandbox.brokers import BrokerAddress, ClientCertificate, IotBroker, client_tls_context
+from sandbox.brokers import ClientCertificate, IotBroker, client_tls_context
 from sandbox.moto_fidelity import (
     MOTO_VERSION,
     FidelityConfig,
@@ -41,6 +41,7 @@ from sandbox.pki import SandboxPki
 from shared.errors import ConfigError, TransportError
 from tests.sandbox import aws_fixtures
 from tests.sandbox.aws_fixtures import IOT_ENDPOINT_HOST, HangupCounter
+from tests.sandbox.conftest import handshake_refused
 
 # The fixtures of aws_fixtures, bound here so pytest finds them (until a conftest provides them).
 aws_pki = aws_fixtures.aws_pki
@@ -402,18 +403,6 @@ async def test_crl_follows_certificate_statuses_and_the_broker_is_signalled(
     assert revoked_serials(aws_pki) == {cert.serial_number}
     assert await cert_status(iot, kept_id) == "ACTIVE"
     assert kept.serial_number not in revoked_serials(aws_pki)
-
-
-async def handshake_refused(address: BrokerAddress, tls: ssl.SSLContext) -> bool:
-    """Whether a TLS 1.2 handshake with the broker fails (TLS 1.2 refuses inside the handshake)."""
-    try:
-        async with asyncio.timeout(3.0):
-            _, writer = await asyncio.open_connection(address.host, address.port, ssl=tls)
-    except ssl.SSLError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]]) -> bool:

@@ -36,6 +36,7 @@ from sandbox.brokers import (
 )
 from sandbox.errors import BrokerStartError, SandboxUsageError
 from sandbox.pki import SandboxPki, write_atomic
+from tests.sandbox.conftest import handshake_refused
 
 TLS12 = ssl.TLSVersion.TLSv1_2
 
@@ -89,22 +90,6 @@ async def refused(client: aiomqtt.Client) -> bool:
             pass
     except aiomqtt.MqttError:
         return True
-    return False
-
-
-async def handshake_refused(address: BrokerAddress, tls: ssl.SSLContext) -> bool:
-    """Whether the broker fails the TLS handshake (TLS 1.2 clients: the refusal is in it).
-
-    A bare TLS client rather than aiomqtt: paho leaves its SSL socket unclosed when the handshake
-    fails, and the ResourceWarning would fail whichever test the garbage collector runs in.
-    """
-    try:
-        async with asyncio.timeout(3.0):
-            _, writer = await asyncio.open_connection(address.host, address.port, ssl=tls)
-    except ssl.SSLError:
-        return True
-    writer.close()
-    await writer.wait_closed()
     return False
 
 
