@@ -40,6 +40,7 @@ import binascii
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,12 +386,14 @@ class SecretGuard:
         findings: leaks found so far (tests that leaked, then log files).
         basetemp: pytest's base temporary directory, scanned at the end of the run.
         source_failures: how many times a live source could not be read.
+        seconds: time spent checking (the guard's overhead on the run).
     """
 
     registry: SecretRegistry = field(default_factory=SecretRegistry)
     findings: list[Finding] = field(default_factory=list)
     basetemp: Path | None = None
     source_failures: int = 0
+    seconds: float = 0.0
     _sources: list[Source] = field(default_factory=list)
     _event_kinds: set[str] = field(default_factory=set)
 
@@ -440,6 +443,7 @@ class SecretGuard:
         Returns:
             The new findings (also added to :attr:`findings`).
         """
+        began = time.perf_counter()
         self.refresh()
         found: list[Finding] = []
         for title, text in sections:
@@ -453,6 +457,7 @@ class SecretGuard:
             Finding(f"{nodeid} (capture_logs events, {when})", kind) for kind in sorted(kinds)
         ]
         self.findings += found
+        self.seconds += time.perf_counter() - began
         return found
 
     def check_log_files(self) -> list[Finding]:
@@ -464,10 +469,12 @@ class SecretGuard:
         """
         if self.basetemp is None or not self.basetemp.is_dir():
             return []
+        began = time.perf_counter()
         self.registry.learn_private_keys(self.basetemp)
         self.registry.learn_descriptions(self.basetemp)
         found = scan_log_files(self.basetemp, self.registry)
         self.findings += found
+        self.seconds += time.perf_counter() - began
         return found
 
 
@@ -550,6 +557,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     guard = guard_of(config)
+    if config.get_verbosity() > 0:
+        terminalreporter.line(
+            f"secret guard: {len(guard.registry)} secrets known, "
+            f"{guard.seconds:.2f} s spent checking"
+        )
     if guard.source_failures:
         terminalreporter.line(
             f"secret guard: a live secret source failed {guard.source_failures} time(s); "
