@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -294,21 +294,28 @@ def test_keys_and_descriptions_under_a_directory_are_learned(planted: Path) -> N
 # The plugin, in pytest runs of its own
 
 
-def _run(pytester: pytest.Pytester, source: str, secret: str = "") -> pytest.RunResult:
-    # The inner module builds SECRET from two halves, so no source line a report shows holds it.
-    half = len(secret) // 2
-    header = f"SECRET = {secret[:half]!r} + {secret[half:]!r}\n"
-    pytester.makepyfile(test_inner=header + source)
-    # pytest-asyncio would warn about the inner run's missing configuration; nothing needs it.
-    return pytester.runpytest_inprocess("-p", "tests.secret_guard", "-p", "no:asyncio")
+Inner = Callable[..., pytest.RunResult]
 
 
-def test_a_test_printing_a_registered_secret_fails_without_showing_it(
-    pytester: pytest.Pytester,
-) -> None:
+@pytest.fixture
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Inner:
+    """Run a test module in a pytest run of its own, with the secret guard loaded."""
+    # The installed plugins (asyncio, hypothesis) cost ~1 s a run and nothing inner needs them.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+    def run(source: str, secret: str = "") -> pytest.RunResult:
+        # The module builds SECRET from two halves, so no source line a report shows holds it.
+        half = len(secret) // 2
+        header = f"SECRET = {secret[:half]!r} + {secret[half:]!r}\n"
+        pytester.makepyfile(test_inner=header + source)
+        return pytester.runpytest_inprocess("-p", "tests.secret_guard")
+
+    return run
+
+
+def test_a_test_printing_a_registered_secret_fails_without_showing_it(inner: Inner) -> None:
     secret = _password()
-    result = _run(
-        pytester,
+    result = inner(
         """
 def test_leaks(secret_registry):
     secret_registry.add(SECRET, kind="device password")
@@ -326,10 +333,9 @@ def test_clean():
     assert secret not in output
 
 
-def test_a_capture_logs_event_holding_a_secret_fails_the_test(pytester: pytest.Pytester) -> None:
+def test_a_capture_logs_event_holding_a_secret_fails_the_test(inner: Inner) -> None:
     secret = _password()
-    result = _run(
-        pytester,
+    result = inner(
         """
 import structlog
 from structlog.testing import capture_logs
@@ -347,10 +353,9 @@ def test_logs_it(secret_registry):
     assert secret not in result.stdout.str()
 
 
-def test_a_leak_in_a_failing_test_is_added_to_its_report(pytester: pytest.Pytester) -> None:
+def test_a_leak_in_a_failing_test_is_added_to_its_report(inner: Inner) -> None:
     secret = _password()
-    result = _run(
-        pytester,
+    result = inner(
         """
 def test_fails(secret_registry):
     secret_registry.add(SECRET, kind="device password")
@@ -366,12 +371,9 @@ def test_fails(secret_registry):
     assert secret not in output
 
 
-def test_a_secret_in_a_log_file_fails_the_run_naming_file_and_kind(
-    pytester: pytest.Pytester,
-) -> None:
+def test_a_secret_in_a_log_file_fails_the_run_naming_file_and_kind(inner: Inner) -> None:
     secret = _password()
-    result = _run(
-        pytester,
+    result = inner(
         """
 def test_writes_a_log(tmp_path, secret_registry):
     secret_registry.add(SECRET, kind="device password")
@@ -387,9 +389,8 @@ def test_writes_a_log(tmp_path, secret_registry):
     assert secret not in output
 
 
-def test_a_clean_run_passes(pytester: pytest.Pytester) -> None:
-    result = _run(
-        pytester,
+def test_a_clean_run_passes(inner: Inner) -> None:
+    result = inner(
         """
 from structlog.testing import capture_logs
 import structlog
