@@ -24,6 +24,18 @@ Every message carries its stable outbox id as the MQTT 5 user property ``message
 (``ztp-id`` by default) so consumers can drop QoS 1 duplicates; with ``message_id_property=None``
 the publisher speaks MQTT 3.1.1 and sends payloads only.
 
+Watchdog: :meth:`Publisher.attach_watchdog` registers two loops with the systemd
+:class:`~ztp_daemon.sdnotify.Watchdog`, ``publisher.connection`` and ``publisher.send``, and
+unregisters them when the publisher stops. Both are beaten from one *pulse*, passed by the
+connection loop on every wake of its waits (backoff, connect pacing) and by ``publisher.control``,
+which wakes every ``beat_period`` while connected, also when nothing is sent. The pulse always
+beats ``publisher.connection``; it beats ``publisher.send`` only when the senders are healthy:
+nothing is in flight, or a PUBACK arrived since the previous pulse. So a connection loop stuck on
+an await (a TLS set-up, a disconnect that never returns) and senders stuck on PUBACKs that never
+come (a broker that stopped answering on a live socket) both stop the ``WATCHDOG=1`` pings. A
+connect and a drain run without pulses; both are bounded (``connect_timeout``, ``drain_timeout``),
+and the loops' allowance covers them.
+
 Shutdown (``__aexit__``) stops taking messages, waits up to ``drain_timeout`` for the PUBACKs of
 those in flight, then disconnects; anything still unacked stays in the outbox for the next start.
 
@@ -59,10 +71,13 @@ from ztp_daemon.bundle import BundleStore
 from ztp_daemon.errors import DeviceError
 from ztp_daemon.mqtt_wire import utf8_string, variable_byte_integer
 from ztp_daemon.outbox import Outbox
+from ztp_daemon.sdnotify import Watchdog
 from ztp_daemon.tls import server_verifying_context
 
 __all__ = [
     "AWS_ALPN_PROTOCOL",
+    "CONNECTION_LOOP",
+    "SEND_LOOP",
     "Backoff",
     "BundleCredentials",
     "ClientCredentials",
@@ -79,6 +94,9 @@ __all__ = [
 AWS_ALPN_PROTOCOL: Final = "x-amzn-mqtt-ca"
 _AWS_MIN_CONNECT_INTERVAL: Final = 1.0
 _ALPN_PORT: Final = 443
+#: The loop names the publisher registers with the systemd watchdog.
+CONNECTION_LOOP: Final = "publisher.connection"
+SEND_LOOP: Final = "publisher.send"
 
 _log = structlog.get_logger()
 
@@ -400,6 +418,8 @@ class Publisher:
         self._stopping = asyncio.Event()
         self._change = asyncio.Event()
         self._change_reason = ""
+        # Set after _stopping or _change, or on attach_watchdog: wakes whichever loop waits.
+        self._nudge = asyncio.Event()
         self._connected = asyncio.Event()
         self._paused = False
         self._resume = asyncio.Event()
@@ -411,6 +431,8 @@ class Publisher:
         self._last_error: str | None = None
         self._entered = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._watchdog: Watchdog | None = None
+        self._pulse_published = 0
         self._log = _log.bind(thing=config.thing_name)
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -439,8 +461,62 @@ class Publisher:
     ) -> None:
         """Drain in-flight publishes (bounded by ``drain_timeout``), disconnect, stop the tasks."""
         self._stopping.set()
+        self._nudge.set()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            # Stopping on purpose: the bounded drain that follows is not a wedge.
+            watchdog.unregister(CONNECTION_LOOP)
+            watchdog.unregister(SEND_LOOP)
         self._tasks[1].cancel("publisher stopping")
         await self._stack.__aexit__(exc_type, exc, tb)
+
+    def attach_watchdog(self, watchdog: Watchdog) -> None:
+        """Have the systemd watchdog watch the connection loop and the senders until stop.
+
+        Registers ``publisher.connection`` and ``publisher.send`` (see the module docstring for
+        when each beats); :meth:`__aexit__` unregisters them. Their allowance is the watchdog's
+        interval, widened to cover a connect and a drain, which run without beats.
+
+        Args:
+            watchdog: the daemon's watchdog (entered or not).
+
+        Raises:
+            UsageError: a watchdog is already attached, or the publisher is not running.
+        """
+        if self._watchdog is not None:
+            raise UsageError("a watchdog is already attached to this publisher")
+        if not self._entered or self._stopping.is_set():
+            raise UsageError("attach a watchdog to a running publisher")
+        within = None
+        interval, period = watchdog.interval, watchdog.beat_period
+        if interval is not None and period is not None:
+            config = self._config
+            # aiomqtt bounds both the CONNECT and the DISCONNECT by connect_timeout.
+            silent = config.drain_timeout + 2 * config.connect_timeout + period
+            within = max(interval, silent)
+        watchdog.register(CONNECTION_LOOP, within=within)
+        try:
+            watchdog.register(SEND_LOOP, within=within)
+        except UsageError:
+            watchdog.unregister(CONNECTION_LOOP)
+            raise
+        self._watchdog = watchdog
+        self._pulse_published = self._published
+        self._nudge.set()  # the waits re-read their wake period
+
+    def _pulse(self) -> None:
+        """Beat the watched loops: the connection always, the senders only while healthy."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            return
+        watchdog.beat(CONNECTION_LOOP)
+        published = self._published
+        if published != self._pulse_published or self._outbox.stats().in_flight == 0:
+            watchdog.beat(SEND_LOOP)
+        self._pulse_published = published
+
+    def _pulse_period(self) -> float | None:
+        return self._watchdog.beat_period if self._watchdog is not None else None
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -467,6 +543,7 @@ class Publisher:
         """Drain and reconnect (re-reading the credentials), e.g. after a bundle commit."""
         self._change_reason = reason
         self._change.set()
+        self._nudge.set()
 
     # -- the connection loop -------------------------------------------------------------------
 
@@ -480,6 +557,7 @@ class Publisher:
             if wait > 0 and await self._stop_within(wait):
                 return
             self._change.clear()
+            self._pulse()
             try:
                 credentials = self._credentials.current()
             except (UsageError, DeviceError) as exc:
@@ -516,11 +594,18 @@ class Publisher:
         self._log.warning("publisher.connect_failed", attempt=failures, reason=reason)
 
     async def _stop_within(self, seconds: float) -> bool:
-        """Sleep ``seconds`` unless stopping first; True if stopping."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-        return self._stopping.is_set()
+        """Sleep ``seconds`` unless stopping first, pulsing meanwhile; True if stopping."""
+        deadline = self._clock() + seconds
+        while True:
+            self._pulse()
+            remaining = deadline - self._clock()
+            if self._stopping.is_set() or remaining <= 0:
+                return self._stopping.is_set()
+            period = self._pulse_period()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining if period is None else min(remaining, period)):
+                    await self._nudge.wait()
+            self._nudge.clear()  # the flags it stands for are read at the top
 
     async def _connect_and_serve(self, credentials: ClientCredentials, host: str) -> str:
         """One connection, start to end.
@@ -607,13 +692,15 @@ class Publisher:
             pass
 
     async def _control(self) -> None:
-        stop = asyncio.ensure_future(self._stopping.wait())
-        change = asyncio.ensure_future(self._change.wait())
-        try:
-            await asyncio.wait((stop, change), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            change.cancel()
+        # Wakes every beat period while connected, idle or not: the watchdog's pulse.
+        while True:
+            self._pulse()
+            if self._stopping.is_set() or self._change.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._pulse_period()):
+                    await self._nudge.wait()
+            self._nudge.clear()  # the flags it stands for are read at the top
         reason = "stopping" if self._stopping.is_set() else self._change_reason
         await self._drain()
         raise _EndConnectionError(reason)

@@ -30,13 +30,16 @@ actions the machine returns, honouring the machine's driver contract:
    ERROR directly.
 6. ``StartPublisher`` enters the *publisher factory* (a seam: any callable taking the committed
    :class:`~ztp_daemon.bundle.Bundle` and returning an async context manager) in a task named
-   ``supervisor.publisher``, held open until shutdown.
+   ``supervisor.publisher``, held open until shutdown. When what it enters can be watched (it
+   has ``attach_watchdog``, as :class:`~ztp_daemon.publisher.Publisher` does), its loops are
+   registered with the systemd watchdog from then on, beside the machine loop; it unregisters
+   them when it stops.
 
 Shutdown: when ``shutdown()`` returns, the machine task is cancelled (a storage action in a
 worker thread completes: files are written atomically either way), then the publisher, then the
 link; the timer is disarmed. ``ready`` is set once the machine has been started and the link is
 connecting. With systemd, READY/STATUS/STOPPING are reported and the watchdog is pinged while
-the machine loop turns.
+the machine loop and the publisher's loops turn.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias, runtime_checkable
 
 import structlog
 
@@ -110,6 +113,7 @@ __all__ = [
     "PUBLISHER_TASK_NAME",
     "PublisherFactory",
     "Supervisor",
+    "WatchablePublisher",
     "link_settings",
     "serve",
 ]
@@ -125,6 +129,19 @@ _MAX_ACK_MESSAGE: Final = 255
 PublisherFactory: TypeAlias = Callable[[Bundle], AbstractAsyncContextManager[object]]
 
 _log = structlog.get_logger()
+
+
+@runtime_checkable
+class WatchablePublisher(Protocol):
+    """A publisher whose main loops the systemd watchdog can watch (the IoT publisher is one).
+
+    Checked structurally, so the supervisor need not import the publisher (and aiomqtt) before
+    the device is provisioned.
+    """
+
+    def attach_watchdog(self, watchdog: Watchdog) -> None:
+        """Register its loops with ``watchdog`` and beat them until it stops."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,8 +536,10 @@ class Supervisor:
         )
 
     async def _run_publisher(self, factory: PublisherFactory, bundle: Bundle) -> None:
-        async with factory(bundle):
+        async with factory(bundle) as publisher:
             self._log.info("publisher.started", bundle_version=bundle.version)
+            if isinstance(publisher, WatchablePublisher) and self._watchdog is not None:
+                publisher.attach_watchdog(self._watchdog)
             # Held open until shutdown cancels this task; the context manager drains on exit.
             await asyncio.Event().wait()
 
