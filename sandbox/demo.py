@@ -12,8 +12,10 @@ Theory of operation
 Each gateway's outbox (``state/outbox.sqlite3``) is seeded with a few readings before its daemon
 starts, as a gateway program would have queued them while the gateway was not yet provisioned:
 the daemon publishes them to the IoT broker once it holds a certificate, which shows the durable
-outbox and the publisher working end to end. (``ztp-daemon run`` does not serve the ingestion
-socket or the heartbeat yet, so the outbox is the one door into the publisher.)
+outbox and the publisher working end to end. Once a gateway is provisioned, a tiny producer in
+the demo hands it one more reading, live, through its ingestion socket (``state/ingest.sock``),
+as any program on the gateway would. Its heartbeat (``dt/<serial>/health``) is counted among
+the messages, not among the readings.
 
 While the fleet provisions, a progress tick (every ``tick`` seconds) reads each gateway's state
 file (what ``ztp-daemon status --json`` prints, through the same function), the fragments the
@@ -67,6 +69,7 @@ __all__ = [
     "DEFAULT_DEVICES",
     "DEFAULT_MESSAGES",
     "DEFAULT_TIMEOUT",
+    "LIVE_READINGS",
     "DemoOptions",
     "DemoSummary",
     "GatewayFailure",
@@ -87,6 +90,10 @@ _STOP_TIMEOUT: Final = 10.0
 _TELEMETRY: Final = "demo"
 _PROVISIONED: Final = "provisioned"
 _CRASH_STATES: Final = frozenset({"key_ready", "request_sent"})
+#: Readings each gateway gets through its ingestion socket once provisioned.
+LIVE_READINGS: Final = 1
+_LIVE_OK: Final = "ok"
+_INGEST_WAIT: Final = 10.0
 
 _log = structlog.get_logger()
 
@@ -153,6 +160,8 @@ class GatewayProgress:
         provisioned_after: seconds from its process start to its ``provisioned`` record.
         exit_code: its daemon's exit status, once it has exited.
         restarts: how many times the demo SIGKILLed and restarted its daemon.
+        live: how the live reading went: None before it was sent, ``"ok"`` once the ingestion
+            socket accepted it, else why not.
     """
 
     serial: str
@@ -166,6 +175,7 @@ class GatewayProgress:
     provisioned_after: float | None = None
     exit_code: int | None = None
     restarts: int = 0
+    live: str | None = None
 
     @property
     def provisioned(self) -> bool:
@@ -195,7 +205,7 @@ class DemoSummary:
         active_certificates: ACTIVE certificates in (sandboxed) AWS IoT.
         duplicate_certificates: active certificates beyond one per provisioned gateway.
         messages_received: messages counted at the IoT broker on the gateways' topics.
-        messages_expected: readings queued in all outboxes.
+        messages_expected: readings queued in all outboxes and handed in live.
         readings_received: distinct queued readings that reached the IoT broker.
         wall_seconds: from the first gateway's start to the end of the run.
         provision_p50_seconds: median provisioning latency (None: nothing provisioned).
@@ -279,7 +289,7 @@ def failures_of(
 
     Args:
         progress: each gateway's last snapshot.
-        messages: readings each gateway should have delivered.
+        messages: readings each gateway should have delivered (queued and live).
         ended_by: why the run ended early (``"timeout after 120 s"``), or None if it finished.
 
     Returns:
@@ -300,6 +310,8 @@ def failures_of(
             if gateway.last_error:
                 details.append(f"last error: {gateway.last_error}")
             reason += f" ({', '.join(details)})"
+        elif gateway.live is not None and gateway.live != _LIVE_OK:
+            reason = f"provisioned, but its live reading failed: {gateway.live}"
         elif gateway.readings < messages:
             reason = f"provisioned, but {gateway.readings}/{messages} readings reached IoT"
             if gateway.exit_code is not None:
@@ -430,7 +442,7 @@ def render_summary(summary: DemoSummary) -> str:
         f"  active certificates in IoT   {summary.active_certificates}"
         f" ({summary.duplicate_certificates} duplicates)",
         f"  messages received at IoT     {summary.messages_received}"
-        f" ({summary.readings_received} of {summary.messages_expected} queued readings)",
+        f" ({summary.readings_received} of {summary.messages_expected} readings)",
         f"  provisioning latency         p50 {seconds(summary.provision_p50_seconds)}"
         f"   p99 {seconds(summary.provision_p99_seconds)}",
     ]
@@ -623,6 +635,7 @@ class _Gateway:
     stopped: bool = False
     exit_before_stop: int | None = None
     restarts: int = 0
+    live: str | None = None
 
     @property
     def exit_code(self) -> int | None:
@@ -725,6 +738,42 @@ async def _spawn_gateway(gateway: _Gateway) -> None:
     if first is not None:
         # Latency counts from the gateway's first start, restarts included.
         gateway.child.started = first.started
+
+
+async def _send_live(gateway: _Gateway, reading: int) -> str:
+    """Hand one reading to the gateway's ingestion socket, as a program on the gateway would.
+
+    Returns:
+        ``"ok"`` once the daemon accepted it (committed to its outbox), else why not.
+    """
+    path = gateway.state_dir / "ingest.sock"
+    payload = {"serial": gateway.serial, "reading": reading, "live": True}
+    line = json.dumps({"topic": f"dt/{gateway.serial}/{_TELEMETRY}", "payload": payload})
+    try:
+        async with asyncio.timeout(_INGEST_WAIT):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    # The socket opens with the publisher, just after the certificate is stored.
+                    await asyncio.sleep(0.05)
+            try:
+                writer.write(line.encode() + b"\n")
+                await writer.drain()
+                reply = json.loads(await reader.readline())
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError:
+        return f"no answer on {path} within {_INGEST_WAIT:g} s"
+    except (OSError, ValueError) as exc:
+        return f"ingestion socket {path}: {exc}"
+    if isinstance(reply, dict) and reply.get("ok") is True:
+        return _LIVE_OK
+    error = reply.get("error") if isinstance(reply, dict) else reply
+    return f"refused by the ingestion socket: {error}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -877,6 +926,7 @@ async def _snapshot(
                 provisioned_after=gateway.provisioned_after,
                 exit_code=gateway.exit_code,
                 restarts=gateway.restarts,
+                live=gateway.live,
             )
         )
     return progress
@@ -976,6 +1026,7 @@ class _Fleet:
         self._observer = observer
         self._options = options
         self._on_progress = on_progress
+        self._feeds: dict[str, asyncio.Task[None]] = {}
         self.began = time.monotonic()
 
     @property
@@ -1010,19 +1061,35 @@ class _Fleet:
             await _spawn_gateway(gateway)
             due -= 1
 
+    def _feed(self, progress: Sequence[GatewayProgress]) -> None:
+        """Start the live reading of each gateway newly provisioned (tasks kept, see stop)."""
+        for gateway, seen in zip(self.gateways, progress, strict=True):
+            if seen.provisioned and gateway.serial not in self._feeds:
+                self._feeds[gateway.serial] = asyncio.create_task(
+                    self._feed_one(gateway), name=f"demo.live.{gateway.serial}"
+                )
+
+    async def _feed_one(self, gateway: _Gateway) -> None:
+        gateway.live = await _send_live(gateway, self._options.messages + 1)
+        _log.info("demo.live_reading", gateway=gateway.serial, outcome=gateway.live)
+
     async def watch(self) -> str | None:
         """Report progress every tick until the run ends; return why it ended early, if so."""
         options = self._options
+        expected = options.messages + LIVE_READINGS
         deadline = self.began + options.timeout
         while True:
             progress = await self.snapshot()
             if options.crash:
                 await self._crash(progress)
+            self._feed(progress)
             elapsed = time.monotonic() - self.began
             if self._on_progress is not None:
                 self._on_progress(progress, elapsed)
-            if all(g.provisioned and g.readings >= options.messages for g in progress):
+            if all(g.provisioned and g.readings >= expected for g in progress):
                 return None
+            if any(g.live not in (None, _LIVE_OK) for g in progress):
+                return f"a refused live reading after {elapsed:.1f} s"
             if any(g.exit_code is not None for g in progress):
                 return f"a daemon's exit after {elapsed:.1f} s"
             if self._cloud.exit_code is not None:
@@ -1032,7 +1099,10 @@ class _Fleet:
             await asyncio.sleep(options.tick)
 
     async def stop(self) -> None:
-        """Stop every daemon; exits from here on are the demo's doing, not failures."""
+        """Stop the live producers and every daemon; exits from here on are not failures."""
+        for task in self._feeds.values():
+            task.cancel("demo over")
+        await asyncio.gather(*self._feeds.values(), return_exceptions=True)
         for gateway in self.gateways:
             gateway.exit_before_stop, gateway.stopped = gateway.exit_code, True
         await _stop_all(self.children)
@@ -1080,7 +1150,7 @@ async def _run_in(
         active, by_gateway = await _certificates(sandbox, [g.serial for g in fleet.gateways])
         summary = summarize(
             progress,
-            messages=options.messages,
+            messages=options.messages + LIVE_READINGS,
             active_by_gateway=by_gateway,
             active_certificates=active,
             wall_seconds=wall,
@@ -1181,7 +1251,7 @@ def demo_main(
         return 2
     assert options.directory is not None
     options.directory.mkdir(parents=True, exist_ok=True)
-    display = _Display(out, messages=messages)
+    display = _Display(out, messages=messages + LIVE_READINGS)
     if not as_json:
         kept = "" if options.keep else " (removed if all goes well)"
         out.write(

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from sandbox.demo import (
+    LIVE_READINGS,
     DemoOptions,
     GatewayProgress,
     failures_of,
@@ -72,6 +73,7 @@ def test_options_refuse_bad_counts() -> None:
 
 def _done(serial: str, after: float, readings: int = 3) -> GatewayProgress:
     return GatewayProgress(
+        live="ok",
         serial=serial,
         state="provisioned",
         attempts=1,
@@ -91,15 +93,17 @@ def test_failures_name_each_gateway_and_why() -> None:
         ),
         GatewayProgress(serial="GW3", state="key_ready", exit_code=1),
         _done("GW4", 2.0, readings=1),
+        GatewayProgress(serial="GW5", state="provisioned", readings=3, live="refused: outbox_full"),
     ]
     failures = failures_of(progress, messages=3, ended_by="the timeout of 60 s")
-    assert [f.serial for f in failures] == ["GW2", "GW3", "GW4"]
+    assert [f.serial for f in failures] == ["GW2", "GW3", "GW4", "GW5"]
     reasons = {f.serial: f.reason for f in failures}
     assert reasons["GW2"].startswith("still request_sent (request sent 2x")
     assert "last error: certificate expired" in reasons["GW2"]
     assert reasons["GW2"].endswith("at the timeout of 60 s")
     assert reasons["GW3"].startswith("ztp-daemon exited with status 1 in state key_ready")
     assert reasons["GW4"].startswith("provisioned, but 1/3 readings reached IoT")
+    assert reasons["GW5"].startswith("provisioned, but its live reading failed: refused")
 
 
 def test_summary_counts_duplicates_and_latencies(tmp_path: Path) -> None:
@@ -230,8 +234,9 @@ def test_three_gateways_one_killed_mid_provisioning_all_provision_once(tmp_path:
     assert len(summary["restarted"]) == 1
     assert summary["active_certificates"] == 3
     assert summary["duplicate_certificates"] == 0
-    assert summary["readings_received"] == summary["messages_expected"] == 9
-    assert summary["messages_received"] >= 9
+    # Three queued in each outbox before the start, one handed to each ingestion socket after.
+    assert summary["readings_received"] == summary["messages_expected"] == 3 * (3 + LIVE_READINGS)
+    assert summary["messages_received"] >= summary["readings_received"]
     assert 0 < summary["provision_p50_seconds"] <= summary["provision_p99_seconds"]
     assert summary["provision_p99_seconds"] <= summary["wall_seconds"]
     [restarted] = summary["restarted"]
