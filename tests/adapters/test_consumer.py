@@ -1104,7 +1104,9 @@ async def test_reading_ahead_overlaps_the_handler_and_keeps_the_pace(kinesis: An
         # while the handler holds a batch, the call reading the next one goes out
         assert span.ended is not None
         assert any(span.started < start < span.ended for start in starts)
-    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2  # still 5 calls/s at most
+    # Still 5 calls/s at most, with a margin (calls exactly 0.2 s apart can reach AWS as six
+    # in one second): 0.21 s apart, less a few milliseconds between pacing and this log.
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.205
     # Only the reader's first iterator: nothing was dropped or read again.
     assert [r["ShardIteratorType"] for r in logged.iterator_requests] == ["TRIM_HORIZON"]
 
