@@ -42,11 +42,12 @@ if TYPE_CHECKING:
 pytest_plugins = ("tests.secret_guard", "pytester")
 
 
-async def _live_secrets(world: Sandbox) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The gateways' passwords and the emulator's tokens, read on the sandbox's loop."""
+async def _live_secrets(world: Sandbox) -> tuple[tuple[str, str], ...]:
+    """The sandbox's secrets now, with their kinds, read on the sandbox's loop."""
     return (
-        tuple(device.password for device in world.devices),
-        world.emulator.issued_tokens,
+        ("device broker admin password", world.device_broker.admin_password),
+        *(("device password", device.password) for device in world.devices),
+        *(("AirVantage token", token) for token in world.emulator.issued_tokens),
     )
 
 
@@ -67,11 +68,8 @@ def shared_sandbox(
         guard.registry.learn_private_keys(description.directory)
 
         def learn(registry: SecretRegistry) -> None:
-            passwords, tokens = running.run_sync(_live_secrets, timeout=5.0)
-            for password in passwords:
-                registry.offer(password, kind="device password")
-            for token in tokens:
-                registry.offer(token, kind="AirVantage token")
+            for kind, value in running.run_sync(_live_secrets, timeout=5.0):
+                registry.offer(value, kind=kind)
 
         guard.watch(learn)
         try:

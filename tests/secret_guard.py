@@ -9,8 +9,11 @@ A :class:`SecretRegistry` holds every secret value the suite has met, each with 
   the gateways' passwords), the private keys under its directory, and, before every check, the
   gateways registered and the bearer tokens the emulator has issued since;
 - tests, through the ``secret_registry`` fixture (``secret_registry.add(value, kind=...)``);
-- at the end of the run, every private key file and every ``sandbox.json`` description under
-  pytest's base temporary directory (the sandboxes and daemons tests ran on their own).
+- the suite's modules, once collected: every string constant whose name ends in PASSWORD,
+  PASSWD, PASSPHRASE, SECRET or TOKEN (``CLIENT_SECRET = "..."``);
+- at the end of the run, under pytest's base temporary directory (the sandboxes and daemons
+  tests ran on their own): every private key file, every ``sandbox.json`` description and every
+  secret file (named password/secret/token, mode 0600, one word: what ``*_file`` settings read).
 
 Two generic patterns need no registration: a PEM private key header and ``Bearer <token>``.
 
@@ -19,7 +22,9 @@ Where it looks:
 1. After each phase (setup, call, teardown) of each test, the captured stdout, stderr and log
    sections of that phase, and every event a ``structlog.testing.capture_logs()`` block caught
    (its ``LogCapture`` is replaced for the session by a subclass that shows each event to the
-   guard first). A phase that leaks fails, naming the section and the kind of secret.
+   guard first), and the failure report of a phase that failed (an exception message). A
+   phase that leaks fails, naming the section and the kind of secret; the sections and the
+   failure report it shows are masked (``[secret guard: <kind>]``).
 2. At the end of the run, every ``*.log`` file under the base temporary directory (daemon,
    mosquitto, moto and sandbox logs). A leak fails the run (exit status 1) and the summary
    names the file, the line and the kind.
@@ -39,6 +44,8 @@ import base64
 import binascii
 import json
 import re
+import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -83,6 +90,12 @@ _PEM_LINE: Final = 64
 _KEY_FILE_LIMIT: Final = 64 * 1024
 # Files never holding a PEM key: logs are what is scanned, databases are large and binary.
 _NOT_KEY_FILES: Final = frozenset({".log", ".db", ".sqlite", ".sqlite3", ".wal", ".shm"})
+# A test module's constant holding a secret: CLIENT_SECRET, DEVICE_PASSWORD, ADMIN_TOKEN...
+_SECRET_NAME: Final = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN)$")
+# A secret file (``password_file = ...``, ``*_SECRET_FILE``): named so, private, one token.
+_SECRET_FILE_NAME: Final = re.compile(r"password|passwd|passphrase|secret|token", re.IGNORECASE)
+_SECRET_VALUE: Final = re.compile(r"[A-Za-z0-9._~+=-]+")
+_SECRET_FILE_LIMIT: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +258,56 @@ class SecretRegistry:
         for device in devices if isinstance(devices, list) else ():
             if isinstance(device, Mapping):
                 self.offer(device.get("password"), kind="device password")
+
+    def learn_secret_files(self, directory: Path) -> int:
+        """Register the contents of every secret file under ``directory``.
+
+        A secret file, as the daemons' ``*_file`` settings read them: its name says password,
+        secret or token; only its owner may read it (mode 0600 or stricter); it holds one
+        word and nothing else.
+
+        Returns:
+            How many secrets were added.
+        """
+        added = 0
+        for path in _files(directory):
+            if not _SECRET_FILE_NAME.search(path.name) or path.suffix in _NOT_KEY_FILES:
+                continue
+            try:
+                status = path.stat()
+                if status.st_size > _SECRET_FILE_LIMIT or status.st_mode & (
+                    stat.S_IRWXG | stat.S_IRWXO
+                ):
+                    continue
+                text = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if _SECRET_VALUE.fullmatch(text) and self.offer(
+                text, kind=f"secret read from {path.name}"
+            ):
+                added += 1
+        return added
+
+    def learn_module_constants(self, module: object) -> int:
+        """Register the secrets a test module names as constants (``CLIENT_SECRET = "..."``).
+
+        A constant counts when its name ends in PASSWORD, PASSWD, PASSPHRASE, SECRET or TOKEN
+        and its value is one word of at least :data:`MIN_SECRET_LENGTH` characters.
+
+        Returns:
+            How many secrets were added.
+        """
+        added = 0
+        name = getattr(module, "__name__", "?")
+        for attribute, value in vars(module).items():
+            if (
+                _SECRET_NAME.search(attribute.lstrip("_"))
+                and isinstance(value, str)
+                and _SECRET_VALUE.fullmatch(value)
+                and self.offer(value, kind=f"{name}.{attribute}")
+            ):
+                added += 1
+        return added
 
     def learn_descriptions(self, directory: Path) -> None:
         """Register the secrets of every ``sandbox.json`` under ``directory``."""
@@ -460,6 +523,19 @@ class SecretGuard:
         self.seconds += time.perf_counter() - began
         return found
 
+    def check_failure(self, nodeid: str, when: str, text: str) -> list[Finding]:
+        """Check the failure report of one phase (an exception message may hold a secret).
+
+        Returns:
+            The new findings (also added to :attr:`findings`).
+        """
+        found = [
+            Finding(f"{nodeid} (failure report {when})", kind)
+            for kind in sorted(self.registry.kinds_in(text))
+        ]
+        self.findings += found
+        return found
+
     def check_log_files(self) -> list[Finding]:
         """Learn the keys and descriptions under the base temporary directory, then scan its
         ``*.log`` files.
@@ -471,6 +547,7 @@ class SecretGuard:
             return []
         began = time.perf_counter()
         self.registry.learn_private_keys(self.basetemp)
+        self.registry.learn_secret_files(self.basetemp)
         self.registry.learn_descriptions(self.basetemp)
         found = scan_log_files(self.basetemp, self.registry)
         self.findings += found
@@ -521,6 +598,10 @@ def pytest_runtest_makereport(
     report = yield
     guard = guard_of(item.config)
     found = guard.check_phase(item.nodeid, call.when, report.sections)
+    if report.outcome == "failed":
+        # An exception message holding a secret is a leak too; the report shows it masked.
+        found += guard.check_failure(item.nodeid, call.when, str(report.longrepr))
+        _mask_longrepr(report, guard.registry)
     if found:
         # pytest shows a failed test's captured sections: show them without the secrets.
         report.sections = [(title, guard.registry.mask(text)) for title, text in report.sections]
@@ -532,6 +613,21 @@ def pytest_runtest_makereport(
             report.outcome = "failed"
             report.longrepr = message
     return report
+
+
+def _mask_longrepr(report: pytest.TestReport, registry: SecretRegistry) -> None:
+    text = str(report.longrepr)
+    if registry.kinds_in(text):
+        report.longrepr = registry.mask(text)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Test modules and their fixture modules are imported by now; their secret constants are
+    # what the tests log in with.
+    registry = guard_of(session.config).registry
+    for name, module in list(sys.modules.items()):
+        if name == "tests" or name.startswith("tests."):
+            registry.learn_module_constants(module)
 
 
 @pytest.fixture(scope="session", autouse=True)

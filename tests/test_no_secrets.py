@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import secrets
 import tempfile
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +35,11 @@ from tests.secret_guard import (
 )
 
 if TYPE_CHECKING:
-    from sandbox.world import DeviceCredentials, SandboxThread
+    from sandbox.world import DeviceCredentials, Sandbox, SandboxThread
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+# Learned by the guard when the suite's modules are collected (its name ends in SECRET).
+_SELFTEST_SECRET = secrets.token_urlsafe(12)
 _EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 _LATER = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
 
@@ -290,6 +293,50 @@ def test_keys_and_descriptions_under_a_directory_are_learned(planted: Path) -> N
     assert registry.kinds_in(_pem(key).decode().splitlines()[1]) == {"private key"}
 
 
+def test_secret_files_are_learned_by_name_mode_and_shape(planted: Path) -> None:
+    registry = SecretRegistry()
+    password, client_secret, other = _password(), _password(), _password()
+    files = {
+        "airvantage-password": (f"{password}\n", 0o600),  # learned
+        "client-secret": (client_secret, 0o400),  # learned
+        "token-readable": (other, 0o644),  # others may read it: not a secret file
+        "state": (other, 0o600),  # not named as a secret
+        "secret-notes": (f"{other} and more", 0o600),  # not one word
+    }
+    for name, (text, mode) in files.items():
+        (planted / name).write_text(text)
+        (planted / name).chmod(mode)
+
+    assert registry.learn_secret_files(planted) == 2
+
+    assert password in registry
+    assert client_secret in registry
+    assert other not in registry
+    assert registry.kinds_in(password) == {"secret read from airvantage-password"}
+
+
+def test_secret_constants_of_a_module_are_learned() -> None:
+    module = types.ModuleType("tests.example")
+    module.CLIENT_SECRET = "cloud-secret-8c1f"  # type: ignore[attr-defined]
+    module.DEVICE_PASSWORD = "e2e-device-password-9a2c"  # type: ignore[attr-defined]
+    module._ADMIN_TOKEN = "admin-token-77aa"  # type: ignore[attr-defined]
+    module.TOKEN_PATH = "/api/oauth/token"  # type: ignore[attr-defined]  # not one word
+    module.SHORT_SECRET = "pw"  # type: ignore[attr-defined]
+    module.SECRET_KEYS = ("password", "token")  # type: ignore[attr-defined]
+    module.TOKENS = "not-a-secret-name"  # type: ignore[attr-defined]
+    registry = SecretRegistry()
+
+    assert registry.learn_module_constants(module) == 3
+
+    assert registry.kinds_in("x cloud-secret-8c1f y") == {"tests.example.CLIENT_SECRET"}
+    assert "admin-token-77aa" in registry
+    assert "not-a-secret-name" not in registry
+
+
+def test_this_suites_secret_constants_were_learned(secret_registry: SecretRegistry) -> None:
+    assert _SELFTEST_SECRET in secret_registry
+
+
 # --------------------------------------------------------------------------------------------
 # The plugin, in pytest runs of its own
 
@@ -371,6 +418,23 @@ def test_fails(secret_registry):
     assert secret not in output
 
 
+def test_a_secret_in_an_exception_message_is_masked_in_the_report(inner: Inner) -> None:
+    secret = _password()
+    result = inner(
+        """
+def test_raises(secret_registry):
+    secret_registry.add(SECRET, kind="device password")
+    raise RuntimeError("login refused for " + SECRET)
+""",
+        secret,
+    )
+    result.assert_outcomes(failed=1)
+    output = result.stdout.str()
+    assert "RuntimeError: login refused for [secret guard: device password]" in output
+    assert "test_raises (failure report call): device password" in output
+    assert secret not in output
+
+
 def test_a_secret_in_a_log_file_fails_the_run_naming_file_and_kind(inner: Inner) -> None:
     secret = _password()
     result = inner(
@@ -413,6 +477,10 @@ def test_clean(tmp_path, secret_registry):
 # The session sandbox feeds the guard
 
 
+async def _admin_password(world: Sandbox) -> str:
+    return world.device_broker.admin_password
+
+
 async def test_the_session_sandbox_tells_the_guard_its_secrets(
     sandbox: SandboxThread,
     sandbox_device: DeviceCredentials,
@@ -439,6 +507,7 @@ async def test_the_session_sandbox_tells_the_guard_its_secrets(
     assert access.client_secret in secret_registry
     assert sandbox_device.password in secret_registry
     assert token in secret_registry
+    assert await sandbox.run(_admin_password) in secret_registry
     pki_files = [path for path in (description.directory / "pki").iterdir() if path.is_file()]
     needles = [n for path in pki_files for n in private_key_needles(path.read_bytes())]
     assert needles
