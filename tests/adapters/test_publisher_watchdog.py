@@ -9,23 +9,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 
 from sandbox.brokers import IotBroker, write_client_certificate
 from sandbox.pki import SandboxPki
+from shared.config import Secret
 from shared.errors import UsageError
 from tests.adapters import publisher_fixtures as pf
+from ztp_daemon.bundle import Bundle, BundleStore
+from ztp_daemon.csr import CsrSubject, build_csr
+from ztp_daemon.keystore import FileKeyStore
+from ztp_daemon.link import LinkSettings
+from ztp_daemon.machine import (
+    MachineConfig,
+    ProvisioningMachine,
+    SharedCodecDecoder,
+    State,
+    StateRecord,
+)
 from ztp_daemon.outbox import Outbox
-from ztp_daemon.publisher import CONNECTION_LOOP, SEND_LOOP, ClientCredentials, Publisher
+from ztp_daemon.publisher import (
+    CONNECTION_LOOP,
+    SEND_LOOP,
+    BundleCredentials,
+    ClientCredentials,
+    Publisher,
+    PublisherConfig,
+)
 from ztp_daemon.sdnotify import Notifier, Watchdog
+from ztp_daemon.state import StateFile
+from ztp_daemon.supervisor import BUNDLE_DIRECTORY, PublisherFactory, Supervisor
 
 # WATCHDOG_USEC 0.6 s: pings every 0.3 s, pulses every 0.15 s.
 _WATCHDOG_TIMEOUT = 0.6
@@ -214,3 +237,115 @@ async def test_attach_needs_a_running_publisher_and_only_one_watchdog(
         # Stopped on purpose: its loops are no longer watched (the names are free again).
         watchdog.register(CONNECTION_LOOP)
         watchdog.register(SEND_LOOP)
+
+
+# -- through the supervisor --------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (the AirVantage link only retries against it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _factory(
+    state_dir: Path, config: PublisherConfig, opened: list[tuple[Outbox, Publisher]]
+) -> PublisherFactory:
+    """What ``ztp_daemon.__main__`` builds, without the ingestion socket and heartbeat."""
+
+    @contextlib.asynccontextmanager
+    async def open_publisher(bundle: Bundle) -> AsyncIterator[object]:
+        del bundle
+        credentials = BundleCredentials(BundleStore(state_dir / BUNDLE_DIRECTORY))
+        async with (
+            Outbox(state_dir / "outbox.sqlite3") as outbox,
+            Publisher(config=config, outbox=outbox, credentials=credentials) as publisher,
+        ):
+            opened.append((outbox, publisher))
+            yield publisher
+
+    return open_publisher
+
+
+async def test_supervisor_watches_the_publisher_it_starts(
+    own_broker: IotBroker,
+    pki: SandboxPki,
+    tmp_path: Path,
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    serial = pf.unique_thing_name()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    cert = write_client_certificate(pki, serial, tmp_path / "things")
+    certificate_id = "c" * 64
+    version = BundleStore(state_dir / BUNDLE_DIRECTORY).commit(
+        certificate_pem=cert.cert_file.read_text(),
+        endpoint="127.0.0.1",
+        certificate_id=certificate_id,
+        key_pem=cert.key_file.read_bytes(),
+    )
+    # Resumed provisioned: Start hands out StartPublisher at once, whatever the link does.
+    record = StateRecord(
+        State.PROVISIONED,
+        "r-1",
+        build_csr(ec.generate_private_key(ec.SECP256R1()), CsrSubject(serial)),
+        attempts=1,
+        bundle_version=version,
+        certificate_id=certificate_id,
+    )
+    opened: list[tuple[Outbox, Publisher]] = []
+    supervisor = Supervisor(
+        machine=ProvisioningMachine(
+            MachineConfig(serial=serial),
+            decoder=SharedCodecDecoder(),
+            rng=random.Random(3),
+            record=record,
+        ),
+        serial=serial,
+        subject=CsrSubject(serial),
+        keystore=FileKeyStore(state_dir),
+        state_file=StateFile(state_dir),
+        bundles=BundleStore(state_dir / BUNDLE_DIRECTORY),
+        link_settings=LinkSettings(
+            serial=serial,
+            password=Secret("not-a-real-password"),
+            host="127.0.0.1",
+            port=_closed_port(),
+            tls=False,
+            connect_timeout=0.5,
+            backoff_base=0.5,
+            backoff_cap=1.0,
+        ),
+        publisher_factory=_factory(
+            state_dir, pf.fast_config(own_broker, pki, serial, **_TIMINGS), opened
+        ),
+        notifier=Notifier(address=path, watchdog_timeout=_WATCHDOG_TIMEOUT),
+    )
+    stop = asyncio.Event()
+
+    async def shutdown() -> None:
+        await stop.wait()
+
+    connected: Callable[[], bool] = lambda: bool(opened) and opened[0][1].connected  # noqa: E731
+    with capture_logs() as events:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(supervisor.run(shutdown=shutdown), name="test.daemon")
+            try:
+                await pf.wait_until(connected, within=5)
+                [(outbox, _publisher)] = opened
+                await pf.wait_until(lambda: _pings(sock) > 0, within=2)
+                with _frozen(own_broker):
+                    await outbox.submit(f"dt/{serial}/w", b"x")
+                    await pf.wait_until(lambda: outbox.stats().in_flight == 1, within=2)
+                    await asyncio.sleep(1.5)
+                    _pings(sock)
+                    await asyncio.sleep(1.0)
+                    assert _pings(sock) == 0, "the machine loop beats, the senders do not"
+            finally:
+                stop.set()
+    withheld = [e for e in events if e["event"].startswith("watchdog pings withheld")]
+    assert len(withheld) == 1
+    assert withheld[0]["loops"] == [SEND_LOOP]
