@@ -458,7 +458,11 @@ class SecretGuard:
     source_failures: int = 0
     seconds: float = 0.0
     _sources: list[Source] = field(default_factory=list)
-    _event_kinds: set[str] = field(default_factory=set)
+    # The text of each event capture_logs() caught in the current phase, checked when it ends
+    # (after the live sources are read: a token may be logged before the guard learns it).
+    _events: list[str] = field(default_factory=list)
+    # The sandbox's thread logs too, while a test's capture_logs() block is open.
+    _events_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def watch(self, source: Source) -> Source:
         """Call ``source(registry)`` before every check, until :meth:`unwatch`.
@@ -487,10 +491,10 @@ class SecretGuard:
                 self.source_failures += 1
 
     def see_event(self, event_dict: EventDict) -> None:
-        """Check one event a ``capture_logs()`` block caught (before it is kept)."""
-        kinds = self.registry.kinds_in(repr(event_dict))
-        if kinds:
-            self._event_kinds.update(kinds)
+        """Keep the text of one event a ``capture_logs()`` block caught, for the phase's check."""
+        text = repr(event_dict)
+        with self._events_lock:
+            self._events.append(text)
 
     def check_phase(
         self, nodeid: str, when: str, sections: Iterable[tuple[str, str]]
@@ -515,7 +519,9 @@ class SecretGuard:
                     Finding(f"{nodeid} ({title.lower()})", kind)
                     for kind in sorted(self.registry.kinds_in(text))
                 ]
-        kinds, self._event_kinds = self._event_kinds, set()
+        with self._events_lock:
+            events, self._events = self._events, []
+        kinds = self.registry.kinds_in("\n".join(events)) if events else set()
         found += [
             Finding(f"{nodeid} (capture_logs events, {when})", kind) for kind in sorted(kinds)
         ]
