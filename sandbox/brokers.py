@@ -405,9 +405,9 @@ class _Mosquitto(abc.ABC):
         pki: SandboxPki,
         port: int = 0,
         executable: Path | None = None,
-        start_timeout: float = 10.0,
+        start_timeout: float = 20.0,
         stop_timeout: float = 5.0,
-        reload_timeout: float = 5.0,
+        reload_timeout: float = 15.0,
     ) -> None:
         if not 0 <= port < 65536:
             msg = f"port must be 0 (pick a free one) or in 1..65535, got {port}"
@@ -816,9 +816,9 @@ class DeviceBroker(_Mosquitto):
         tls: bool = False,
         admin_username: str = DEFAULT_ADMIN_USERNAME,
         executable: Path | None = None,
-        start_timeout: float = 10.0,
+        start_timeout: float = 20.0,
         stop_timeout: float = 5.0,
-        reload_timeout: float = 5.0,
+        reload_timeout: float = 15.0,
     ) -> None:
         super().__init__(
             directory,
@@ -1004,9 +1004,9 @@ class IotBroker(_Mosquitto):
         pki: SandboxPki,
         port: int = 0,
         executable: Path | None = None,
-        start_timeout: float = 10.0,
+        start_timeout: float = 20.0,
         stop_timeout: float = 5.0,
-        reload_timeout: float = 5.0,
+        reload_timeout: float = 15.0,
     ) -> None:
         super().__init__(
             directory,
