@@ -48,7 +48,7 @@ demo: install
 	$(BIN)/ztp-sandbox demo --devices 10
 
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
