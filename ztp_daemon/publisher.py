@@ -365,10 +365,12 @@ class _MessageIdProperty(Properties):
     def __init__(self, prefix: bytes, message_id: str) -> None:
         # Properties.__init__ is skipped on purpose: nothing of it is used (see above).
         raw = message_id.encode()
-        length = len(prefix) + 2 + len(raw)
+        size = len(raw)
+        length = len(prefix) + 2 + size
         head = bytes((length,)) if length < 128 else variable_byte_integer(length)
-        # Properties.__setattr__ only admits MQTT property names; this one is ours.
-        object.__setattr__(self, "_packed", head + prefix + len(raw).to_bytes(2, "big") + raw)
+        # Properties.__setattr__ only admits MQTT property names; this one is ours, so it goes
+        # straight into the instance dictionary.
+        self.__dict__["_packed"] = b"".join((head, prefix, size.to_bytes(2, "big"), raw))
 
     def pack(self) -> bytes:
         """The properties as sent on the wire (length, then the user property)."""
@@ -727,10 +729,12 @@ class Publisher:
 
     async def _send_loop(self, client: aiomqtt.Client, pacer: RatePacer | None) -> None:
         outbox = self._outbox
+        take_nowait, ack = outbox.take_nowait, outbox.ack
+        publish = client.publish
         property_name = self._config.message_id_property
         property_prefix = _user_property_prefix(property_name) if property_name else None
         while True:
-            message = outbox.take_nowait()
+            message = take_nowait()
             if message is None:
                 message = await outbox.next_message()
             if self._paused:
@@ -748,7 +752,7 @@ class Publisher:
                     if wait > 0:
                         await asyncio.sleep(wait)
                 # Bounded by the connection, not a timer: when it drops, _watch ends the group.
-                await client.publish(
+                await publish(
                     message.topic,
                     message.payload,
                     qos=1,
@@ -758,7 +762,7 @@ class Publisher:
             except BaseException:
                 outbox.release(message.seq)
                 raise
-            outbox.ack(message.seq)
+            ack(message.seq)
             self._published += 1
 
     # -- credentials ---------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from ztp_daemon.outbox import (
     OutboxLimits,
     OverflowPolicy,
     PayloadTooLargeError,
+    StoredMessage,
     TopicError,
+    _delete_runs,
     check_topic,
 )
 
@@ -347,6 +349,41 @@ def test_core_properties(ops: list[tuple[str, int]], policy: OverflowPolicy) -> 
         assert not dropped
 
 
+def test_core_take_head_if_takes_only_a_sendable_ready_head() -> None:
+    core = OutboxCore(limits(max_in_flight=2))
+    first = core.admit(10).seq
+    assert core.take_head_if({first}) is None, "uncommitted"
+    core.committed((first,))
+    second = admitted(core, 20)
+    third = admitted(core, 30)
+    assert core.take_head_if({second}) is None, "the head is not ready: nothing overtakes it"
+    assert core.state(first) is EntryState.QUEUED
+    assert core.take_head_if({first, second, third}) == first
+    assert core.take_head_if({second, third}) == second
+    assert core.take_head_if({third}) is None, "the in-flight bound"
+    assert (core.in_flight, core.state(second), core.state(third)) == (
+        2,
+        EntryState.IN_FLIGHT,
+        EntryState.QUEUED,
+    )
+    assert core.ack(first) == 10
+    assert core.take_head_if({third}) == third
+    assert core.bytes == 50
+
+
+@given(seqs=st.lists(st.integers(1, 60), max_size=120))
+def test_delete_runs_cover_every_seq_once(seqs: list[int]) -> None:
+    singles, ranges = _delete_runs(seqs)
+    expanded = [seq for first, last in ranges for seq in range(first, last + 1)]
+    assert sorted(singles + expanded) == sorted(seqs)
+    assert all(last - first + 1 >= 8 for first, last in ranges)
+
+
+def test_delete_runs_of_in_order_acks_are_ranges() -> None:
+    seqs = [*range(101, 201), 7, *range(1, 5), *range(300, 320)]
+    assert _delete_runs(seqs) == ([1, 2, 3, 4, 7], [(101, 200), (300, 319)])
+
+
 # -- real SQLite -------------------------------------------------------------------------------
 
 
@@ -376,6 +413,34 @@ async def test_put_is_durable_and_ids_are_stable_across_reopen(tmp_path: Path) -
         assert (await outbox.put("dt/t/x", b"next")).endswith("-4")
     async with Outbox(path) as outbox:
         assert outbox.stats().depth == 1, "acked rows were deleted before close"
+
+
+async def test_acks_in_runs_and_out_of_order_delete_exactly_their_rows(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    keep = {5, 50, 51, 199, 250}
+    async with Outbox(path) as outbox:
+        await outbox.submit_many("dt/t/x", [f"m{i}".encode() for i in range(1, 301)])
+        taken = 0
+        rounds = 0
+        while taken < 300:
+            batch: list[StoredMessage] = []
+            while (message := outbox.take_nowait()) is not None:
+                assert message == StoredMessage(
+                    message.seq, message.message_id, "dt/t/x", f"m{message.seq}".encode(), 1
+                )
+                batch.append(message)
+            taken += len(batch)
+            # Acked reversed, interleaved, in order: ranges and singles; the kept stay in flight.
+            orders = (batch[::-1], batch[::2] + batch[1::2], batch)
+            for acked in orders[rounds % 3]:
+                if acked.seq not in keep:
+                    outbox.ack(acked.seq)
+            rounds += 1
+            await asyncio.sleep(0.05)  # the deletes' transaction (they wait up to 20 ms)
+        assert rounds >= 3
+        assert outbox.stats().depth == len(keep)
+    async with Outbox(path) as outbox:
+        assert sorted(int(m[2].rsplit("-", 1)[1]) for m in await drain(outbox)) == sorted(keep)
 
 
 async def test_in_flight_at_close_is_sent_again(tmp_path: Path) -> None:
