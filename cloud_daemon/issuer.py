@@ -5,8 +5,9 @@ Theory of operation
 :class:`Issuer` receives an aiobotocore IoT client, an
 :class:`~cloud_daemon.ledger.IssuanceLedger` and a :class:`~cloud_daemon.ratelimit.RateLimiter`
 through its constructor. Every IoT call takes a token from its API's bucket first; a
-``ThrottlingException`` is retried with jittered backoff, logged with the API and the limit
-(``iot.throttled``). Botocore exceptions are translated once, here, into
+``ThrottlingException`` holds the API's next token back by one slot, doubling on each further
+throttle of the same call (:class:`~cloud_daemon.ratelimit.ThrottleRetry`), and is logged with
+the API and the quota (``iot.throttled``). Botocore exceptions are translated once, here, into
 :mod:`cloud_daemon.errors` types.
 
 :meth:`Issuer.issue` for a vetted CSR of serial ``S``:
@@ -32,7 +33,13 @@ through its constructor. Every IoT call takes a token from its API's bucket firs
 
 :meth:`Issuer.confirm` runs when the device reports ``provisioned``: the entry becomes
 ``CONFIRMED`` and every other active certificate attached to the thing is deactivated, so a
-thing has one active certificate.
+thing has one active certificate. Finding them takes ListThingPrincipals, skipped only when
+the thing is known to hold nothing else: this process's CreateThing succeeded for it (AWS
+answers ResourceAlreadyExistsException for a thing of another configuration, so it was new or
+one ztp made for the same serial and system, whose certificates the ledger holds), attached the
+confirmed certificate to it, and the ledger has no other entry for it (any other issuance for
+the thing writes its entry before it touches AWS). After a restart, for a thing that existed
+with other attributes, or with a second key in the ledger, the principals are listed as ever.
 
 The policy comes from a shipped JSON template (``cloud_daemon/policy/iot-policy.json``) using
 policy variables: a certificate can connect only as its own thing
@@ -50,7 +57,8 @@ import random
 import re
 import string
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
@@ -68,7 +76,7 @@ from cloud_daemon.errors import (
 )
 from cloud_daemon.leases import aws_errors
 from cloud_daemon.ledger import IssuanceLedger, IssuanceState, LedgerEntry
-from cloud_daemon.ratelimit import Backoff, RateLimiter
+from cloud_daemon.ratelimit import RateLimiter, ThrottleRetry
 from cloud_daemon.validation import ValidCsr, public_key_sha256
 from shared.errors import ConfigError, DecodeError, ZtpError
 
@@ -92,6 +100,8 @@ _THING_RE: Final = re.compile(r"[A-Za-z0-9:_-]{1,128}")
 _ATTRIBUTE_RE: Final = re.compile(r"[A-Za-z0-9_.,@/:#=\[\]-]{1,800}")
 _POLICY_NAME_RE: Final = re.compile(r"[\w+=,.@-]{1,128}")
 _CAMEL_RE: Final = re.compile(r"(?<!^)(?=[A-Z])")
+_FRESH_THINGS: Final = 100_000
+"""Things created and not yet confirmed that are remembered (the oldest are listed instead)."""
 
 
 def load_policy_template() -> str:
@@ -126,7 +136,7 @@ class IssuerConfig:
         endpoint_override: the data endpoint to announce instead of asking DescribeEndpoint.
         intent_timeout: seconds after which an unresolved intent counts as abandoned.
         recovery_window: how far back (seconds) to look for orphans of an abandoned intent.
-        throttle: backoff after ThrottlingException (``attempts`` tries in all).
+        throttle: the wait after ThrottlingException (``attempts`` tries in all).
 
     Raises:
         ConfigError: a template, name or bound is invalid.
@@ -139,7 +149,7 @@ class IssuerConfig:
     endpoint_override: str | None = None
     intent_timeout: float = 60.0
     recovery_window: float = 900.0
-    throttle: Backoff = field(default_factory=lambda: Backoff(base=0.2, cap=5.0, attempts=6))
+    throttle: ThrottleRetry = field(default_factory=ThrottleRetry)
     compact_policy: str = field(init=False, repr=False, default="")
 
     def __post_init__(self) -> None:
@@ -242,8 +252,7 @@ class Issuer:
         limiter: the per-API rate limiter.
         config: names, templates and timeouts.
         clock: wall clock in seconds (ledger times).
-        sleep: how to wait between throttled attempts.
-        rand: uniform draws in [0, 1) for the backoff jitter.
+        rand: uniform draws in [0, 1) for the throttle jitter.
     """
 
     def __init__(
@@ -254,7 +263,6 @@ class Issuer:
         limiter: RateLimiter,
         config: IssuerConfig,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._iot = iot
@@ -262,18 +270,23 @@ class Issuer:
         self._limiter = limiter
         self._config = config
         self._clock = clock
-        self._sleep = sleep
         self._rand = rand
         self._endpoint: str | None = config.endpoint_override
         self._policy_ready = False
         self._lock = asyncio.Lock()
+        self._methods: dict[str, Callable[..., Any]] = {}
+        # thing -> the one certificate it holds, for things this process created (see confirm).
+        self._fresh: OrderedDict[str, str] = OrderedDict()
 
     # -- IoT calls --------------------------------------------------------------------------
 
     async def _call(self, api: str, **kwargs: Any) -> Mapping[str, Any]:
         """Call one IoT API within its rate, retrying throttles with backoff."""
-        method = getattr(self._iot, _CAMEL_RE.sub("_", api).lower())
-        backoff = self._config.throttle
+        method = self._methods.get(api)
+        if method is None:
+            method = getattr(self._iot, _CAMEL_RE.sub("_", api).lower())
+            self._methods[api] = method
+        retry = self._config.throttle
         attempt = 0
         while True:
             attempt += 1
@@ -284,12 +297,14 @@ class Issuer:
                     return response
             except ThrottledError as exc:
                 limit = f"{api} {self._limiter.limit_for(api):g} TPS"
-                if attempt >= backoff.attempts:
+                if attempt >= retry.attempts:
                     _log.error("iot.throttled", api=api, limit=limit, attempt=attempt, gave_up=True)
                     raise ThrottledError(api, exc.code, limit_name=limit) from exc
-                delay = backoff.delay(attempt, rand=self._rand())
+                # The next acquire() waits this out: the slot after the window frees up.
+                delay = self._limiter.throttled(
+                    api, attempt=attempt, retry=retry, rand=self._rand()
+                )
                 _log.warning("iot.throttled", api=api, limit=limit, attempt=attempt, retry_in=delay)
-                await self._sleep(delay)
 
     async def endpoint(self) -> str:
         """The IoT data endpoint host (``iot:Data-ATS``), asked once and cached.
@@ -329,7 +344,8 @@ class Issuer:
                     raise
         self._policy_ready = True
 
-    async def _ensure_thing(self, thing_name: str, serial: str, system_uid: str) -> None:
+    async def _ensure_thing(self, thing_name: str, serial: str, system_uid: str) -> bool:
+        """Create the thing, or update its attributes; whether it was created (so held nothing)."""
         for name, value in (("serial", serial), ("system_uid", system_uid)):
             if not _ATTRIBUTE_RE.fullmatch(value):
                 raise DecodeError(name, "characters valid in a thing attribute", value)
@@ -343,6 +359,8 @@ class Issuer:
             await self._call(
                 "UpdateThing", thingName=thing_name, attributePayload={**payload, "merge": True}
             )
+            return False
+        return True
 
     async def deactivate(self, certificate_id: str) -> bool:
         """Make a certificate INACTIVE if it is ACTIVE.
@@ -449,8 +467,9 @@ class Issuer:
             return await self._reuse(entry)
         if not created:
             entry = await self._take_over(entry, request_id)
+        self._fresh.pop(thing, None)  # another certificate is on its way to this thing
         try:
-            await self._ensure_thing(thing, serial, system_uid)
+            created = await self._ensure_thing(thing, serial, system_uid)
             await self.ensure_policy()
             endpoint = await self.endpoint()
         except BaseException:
@@ -482,6 +501,10 @@ class Issuer:
             raise
         _log.info("issuance.minted", thing=thing, certificate_id=certificate_id)
         entry = await self._attach(entry)
+        if created:
+            self._fresh[thing] = certificate_id
+            while len(self._fresh) > _FRESH_THINGS:
+                self._fresh.popitem(last=False)
         return self._issued(entry, endpoint, reused=False)
 
     async def _release(self, entry: LedgerEntry) -> None:
@@ -589,7 +612,8 @@ class Issuer:
         if entry.state is not IssuanceState.CONFIRMED:
             await self._ledger.advance(entry, IssuanceState.CONFIRMED, now=self._clock())
         deactivated = []
-        for other in await self._thing_certificates(thing):
+        alone = self._fresh.pop(thing, None) == certificate_id and len(entries) == 1
+        for other in [] if alone else await self._thing_certificates(thing):
             if other != certificate_id and await self.deactivate(other):
                 deactivated.append(other)
                 _log.info("issuance.superseded_deactivated", thing=thing, certificate_id=other)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_daemon.ratelimit import Backoff, RateLimiter, TokenBucket
+from cloud_daemon.ratelimit import Backoff, RateLimiter, ThrottleRetry, TokenBucket
 from shared.errors import UsageError
 
 
@@ -99,7 +99,11 @@ class FakeTime:
 async def test_limiter_keeps_one_bucket_per_api() -> None:
     fake = FakeTime()
     limiter = RateLimiter(
-        default_tps=2.0, per_api={"CreateThing": 4.0}, clock=fake.clock, sleep=fake.sleep
+        default_tps=2.0,
+        per_api={"CreateThing": 4.0},
+        margin=0.0,
+        clock=fake.clock,
+        sleep=fake.sleep,
     )
     assert limiter.limit_for("CreateThing") == 4.0
     assert limiter.limit_for("AttachPolicy") == 2.0
@@ -119,6 +123,76 @@ async def test_limiter_really_paces_calls() -> None:
     await asyncio.gather(*(limiter.acquire("CreateCertificateFromCsr") for _ in range(11)))
     # One at once, then ten more at 50 per second: about 0.2 s.
     assert 0.15 <= loop.time() - start < 1.0
+
+
+def test_a_deferred_bucket_hands_out_nothing_before_the_delay() -> None:
+    bucket = TokenBucket(rate=10.0, now=0.0)
+    assert bucket.reserve(0.0) == 0.0
+    bucket.defer(0.05, 0.3)
+    assert bucket.reserve(0.05) == pytest.approx(0.3)
+    assert bucket.reserve(0.05) == pytest.approx(0.4)  # the queue behind it keeps its spacing
+    # A deferral shorter than the queue already waiting changes nothing.
+    bucket.defer(0.05, 0.01)
+    assert bucket.reserve(0.05) == pytest.approx(0.5)
+
+
+def test_a_deferred_bucket_refills_after_the_delay() -> None:
+    bucket = TokenBucket(rate=10.0, now=0.0)
+    bucket.defer(0.0, 0.2)
+    assert bucket.reserve(0.2) == pytest.approx(0.0)
+    assert bucket.reserve(0.2) == pytest.approx(0.1)
+
+
+def test_a_throttle_waits_one_slot_then_doubles_to_the_cap() -> None:
+    retry = ThrottleRetry(attempts=8, cap=1.0, jitter=0.5)
+    slot = 1 / 15
+    assert [retry.delay(n, slot=slot, rand=0.0) for n in range(1, 6)] == pytest.approx(
+        [slot, 2 * slot, 4 * slot, 8 * slot, 1.0]
+    )
+    assert retry.delay(1, slot=slot, rand=0.999) == pytest.approx(1.4995 * slot)
+    assert retry.delay(100, slot=slot, rand=0.5) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"attempts": 0}, {"attempts": 2.0}, {"cap": 0}, {"jitter": -0.1}, {"jitter": 1.5}],
+)
+def test_throttle_retry_validates(kwargs: dict[str, float]) -> None:
+    with pytest.raises(UsageError):
+        ThrottleRetry(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_limiter_paces_under_the_quota_by_its_margin() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(default_tps=15.0, margin=0.025, clock=fake.clock, sleep=fake.sleep)
+    assert limiter.limit_for("CreateThing") == 15.0  # what a throttle names
+    assert limiter.pace_for("CreateThing") == pytest.approx(14.625)
+    for _ in range(16):
+        await limiter.acquire("CreateThing")
+    # 16 calls span 15 slots at 14.625 per second: more than the one second AWS counts.
+    assert fake.now == pytest.approx(15 / 14.625)
+    assert fake.now > 1.0
+
+
+async def test_a_throttled_api_waits_one_slot_before_its_next_call() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(default_tps=10.0, margin=0.0, clock=fake.clock, sleep=fake.sleep)
+    retry = ThrottleRetry(jitter=0.0)
+    assert await limiter.acquire("AttachPolicy") == 0.0
+    fake.now += 0.5  # the call ran; its token came back meanwhile
+    delay = limiter.throttled("AttachPolicy", attempt=1, retry=retry, rand=0.7)
+    assert delay == pytest.approx(0.1)
+    assert await limiter.acquire("AttachPolicy") == pytest.approx(0.1)
+    # A second throttle of the same call waits twice as long; other APIs are not held back.
+    delay = limiter.throttled("AttachPolicy", attempt=2, retry=retry, rand=0.7)
+    assert await limiter.acquire("AttachPolicy") == pytest.approx(0.2)
+    assert await limiter.acquire("CreateThing") == 0.0
+
+
+@pytest.mark.parametrize("margin", [-0.01, 0.6, float("nan"), True])
+def test_limiter_validates_its_margin(margin: float) -> None:
+    with pytest.raises(UsageError):
+        RateLimiter(margin=margin)
 
 
 def test_limiter_validates_rates() -> None:
