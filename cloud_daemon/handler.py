@@ -11,9 +11,10 @@ the pure :class:`~cloud_daemon.intake.Intake` what to do, then does it:
 action             what the handler does
 =================  ===========================================================================
 ``Issue``          :meth:`Issuer.issue` (mints once per thing and key; a redelivery re-sends the
-                   stored certificate), ``send_delivery`` of a ``CertificateDelivery``,
-                   ``record_delivery``, then hands the operation to the tracker. A serial or
-                   system uid that cannot name a thing is answered with a refusal instead.
+                   stored certificate), then, in a task of the batch, ``send_delivery`` of a
+                   ``CertificateDelivery``, ``record_delivery``, and the operation handed to
+                   the tracker. A serial or system uid that cannot name a thing is answered
+                   with a refusal instead.
 ``Refuse``         logs ``csr.refused`` with the reason, sends a ``Rejected`` to the device.
 ``Confirm``        :meth:`Issuer.confirm` (deactivates the thing's other certificates); the
                    tracker stops following the delivery.
@@ -24,12 +25,19 @@ action             what the handler does
 
 The handler never waits for a device: ``send_delivery`` creates the AirVantage operation and
 returns, and the operation is followed outside the shard by :class:`DeliveryLoop` (a named task
-of the service), so an offline device never holds a shard. When a record's actions fail (IoT or
-AirVantage unreachable, an issuance in progress elsewhere), the handler calls
-:meth:`Intake.forget` for its ``message.id`` and returns a
-:class:`~cloud_daemon.consumer.RecordFailure`: the consumer retries the record with backoff and
-dead-letters it past its budget. Every step is idempotent, so a retried or redelivered record
-never mints a second certificate.
+of the service), so an offline device never holds a shard. Nor does the next record wait for
+the AirVantage call of a certificate's first delivery: that call runs in a task of the batch
+(at most ``max_sending`` at once) while the next record's IoT calls are made, since IoT's
+quota, not AirVantage, bounds the fleet's rate. The batch returns only once its deliveries are
+sent, so the consumer never checkpoints past a certificate not yet on its way.
+
+When a record's actions fail (IoT or AirVantage unreachable, an issuance in progress
+elsewhere), no further record is started, and the handler returns a
+:class:`~cloud_daemon.consumer.RecordFailure` naming the earliest record that failed, after
+:meth:`Intake.forget` of the ``message.id`` of that record and of every one after it: the
+consumer retries from there with backoff and dead-letters past its budget. Every step is
+idempotent, so a retried or redelivered record never mints a second certificate (a record
+after the failed one that had succeeded is done again: its certificate is re-sent).
 
 :class:`DeliveryTracker` is the pure core of the follow-up (time passed in): each delivery is
 keyed by (serial, request id) and holds its current operation. Polls back off from
@@ -65,7 +73,7 @@ from cloud_daemon.intake import (
     OperationChanged,
     Refuse,
 )
-from cloud_daemon.issuer import Issuer
+from cloud_daemon.issuer import Issued, Issuer
 from shared.airvantage import IncomingCommunication, parse_envelope
 from shared.errors import DecodeError, LimitExceededError, UsageError, ZtpError
 from shared.messages import CertificateDelivery, DeliveryMessage, Rejected, sanitize_reason
@@ -87,6 +95,7 @@ __all__ = [
 _log = structlog.get_logger()
 
 _REASON_CHARS: Final = 300
+_MAX_SENDING: Final = 8
 _IDENTITY_FIELDS: Final = frozenset({"serial", "system_uid"})
 
 
@@ -533,6 +542,10 @@ class ShardHandler:
         deliveries: the follow-up of deliveries.
         metrics: the service's counters.
         clock: a monotonic clock (the intake's reassembly time).
+        max_sending: first deliveries sent to AirVantage at once while later records proceed.
+
+    Raises:
+        UsageError: ``max_sending`` is below 1.
     """
 
     def __init__(
@@ -544,13 +557,17 @@ class ShardHandler:
         deliveries: DeliveryLoop,
         metrics: CloudMetrics,
         clock: Callable[[], float] = time.monotonic,
+        max_sending: int = _MAX_SENDING,
     ) -> None:
+        if max_sending < 1:
+            raise UsageError("max_sending must be >= 1")
         self._intake = intake
         self._issuer = issuer
         self._client = client
         self._deliveries = deliveries
         self._metrics = metrics
         self._clock = clock
+        self._sending = asyncio.Semaphore(max_sending)
 
     async def __call__(self, batch: ShardBatch) -> RecordFailure | None:
         """Handle a batch, record by record, in order.
@@ -563,28 +580,37 @@ class ShardHandler:
             :class:`RecordFailure` naming the first record that failed (the ones before it
             succeeded).
         """
-        for record in batch.records:
-            self._metrics.records.inc()
-            try:
-                await self._record(record)
-            except ZtpError as exc:
-                self._metrics.record_failures.inc()
-                self._intake.forget(_message_id(record.data))
-                reason = f"{type(exc).__name__}: {exc}"[:_REASON_CHARS]
-                _log.warning(
-                    "record.failed",
-                    sequence=str(record.sequence_number),
-                    error=type(exc).__name__,
-                    reason=reason,
-                )
-                return RecordFailure(record.sequence_number, reason)
-        return None
+        failed: dict[int, ZtpError] = {}
+        async with asyncio.TaskGroup() as sends:
+            for index, record in enumerate(batch.records):
+                if failed:
+                    break  # a delivery of this batch failed: the retry starts there
+                self._metrics.records.inc()
+                try:
+                    await self._record(record, _Batch(index, sends, failed))
+                except ZtpError as exc:
+                    failed[index] = exc
+        if not failed:
+            return None
+        first = min(failed)
+        for later in batch.records[first:]:
+            self._intake.forget(_message_id(later.data))
+        record, error = batch.records[first], failed[first]
+        self._metrics.record_failures.inc()
+        reason = f"{type(error).__name__}: {error}"[:_REASON_CHARS]
+        _log.warning(
+            "record.failed",
+            sequence=str(record.sequence_number),
+            error=type(error).__name__,
+            reason=reason,
+        )
+        return RecordFailure(record.sequence_number, reason)
 
-    async def _record(self, record: StreamRecord) -> None:
+    async def _record(self, record: StreamRecord, batch: _Batch) -> None:
         for action in self._intake.receive(record.data, now=self._clock()):
             match action:
                 case Issue():
-                    await self._issue(action)
+                    await self._issue(action, batch)
                 case Refuse():
                     self._metrics.refusals.labels(reason=action.refusal.reason_code.value).inc()
                     _log.warning(
@@ -633,7 +659,7 @@ class ShardHandler:
                         serial=action.serial,
                     )
 
-    async def _issue(self, action: Issue) -> None:
+    async def _issue(self, action: Issue, batch: _Batch) -> None:
         try:
             issued = await self._issuer.issue(
                 serial=action.serial,
@@ -674,10 +700,23 @@ class ShardHandler:
             ),
             transfer_id_for(action.request_id),
         )
-        operation_uid = await self._send(delivery)
-        await self._issuer.record_delivery(
-            issued, request_id=action.request_id, operation_uid=operation_uid
+        await self._sending.acquire()
+        batch.sends.create_task(
+            self._deliver(issued, delivery, batch),
+            name=f"ztp-deliver-{action.serial}-{action.request_id}",
         )
+
+    async def _deliver(self, issued: Issued, delivery: Delivery, batch: _Batch) -> None:
+        """Send a certificate's first delivery and record it; a failure fails its record."""
+        try:
+            operation_uid = await self._send(delivery)
+            await self._issuer.record_delivery(
+                issued, request_id=delivery.request_id, operation_uid=operation_uid
+            )
+        except ZtpError as exc:
+            batch.failed.setdefault(batch.index, exc)
+        finally:
+            self._sending.release()
 
     async def _send(self, delivery: Delivery) -> str:
         operation_uid = await self._client.send_delivery(
@@ -686,6 +725,15 @@ class ShardHandler:
         self._metrics.deliveries.inc()
         self._deliveries.sent(delivery, operation_uid=operation_uid)
         return operation_uid
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Where a record's deliveries go: the batch's task group, and failures by record index."""
+
+    index: int
+    sends: asyncio.TaskGroup
+    failed: dict[int, ZtpError]
 
 
 def _message_id(data: bytes) -> str | None:

@@ -409,3 +409,77 @@ async def test_operation_events_from_the_stream_settle_deliveries(
         assert time.monotonic() - start < 15
         assert events_rig.value("ztp_cloud_redeliveries_total") == 1
         assert len(device.tasks) == 2
+
+
+async def batch_of(rig: Rig, count: int) -> ShardBatch:
+    """The next ``count`` records of the shard, as one batch (as a busy shard returns them)."""
+    records: list[StreamRecord] = []
+    async with asyncio.timeout(WAIT):
+        while len(records) < count:
+            batch = await rig.shard.next_batch()
+            if batch is None:
+                await asyncio.sleep(0.05)
+                continue
+            records.extend(batch.records)
+    return ShardBatch(rig.stream, rig.shard.shard_id, tuple(records))
+
+
+@module_loop
+async def test_the_next_issuance_does_not_wait_for_a_slow_airvantage(rig: Rig) -> None:
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
+    serials = [new_serial() for _ in keys]
+    devices = [await rig.device(s, k) for s, k in zip(serials, keys, strict=True)]
+    for index, (device, serial, key) in enumerate(zip(devices, serials, keys, strict=True)):
+        await device.send(request_points(f"req-slow{index}", serial, request_csr(key, serial)))
+    batch = await batch_of(rig, 2)
+    rig.emulator.faults.update({"latency": 0.3})
+    try:
+        with capture_logs() as logs:
+            assert await rig.handler(batch) is None
+    finally:
+        rig.emulator.faults.update({"latency": 0.0})
+    events = [
+        e["event"] for e in logs if e["event"] in {"issuance.minted", "airvantage.delivery_sent"}
+    ]
+    # The second certificate was minted while the first one's delivery was still being sent,
+    # and both deliveries were sent before the batch returned.
+    assert events == [
+        "issuance.minted",
+        "issuance.minted",
+        "airvantage.delivery_sent",
+        "airvantage.delivery_sent",
+    ]
+    await rig.run_until(lambda: all(d.received for d in devices))
+    for device in devices:
+        [answer] = device.received
+        assert isinstance(answer, CertificateDelivery)
+    for serial in serials:
+        [entry] = await rig.ledger.entries_for_thing(f"ztp-{serial}")
+        assert entry.operation_uid is not None  # recorded by the delivery task
+
+
+@module_loop
+async def test_a_failed_delivery_in_a_batch_retries_from_its_record(rig: Rig) -> None:
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    serials = [new_serial() for _ in keys]
+    devices = [await rig.device(s, k) for s, k in zip(serials, keys, strict=True)]
+    for index, (device, serial, key) in enumerate(zip(devices, serials, keys, strict=True)):
+        await device.send(request_points(f"req-part{index}", serial, request_csr(key, serial)))
+    batch = await batch_of(rig, 3)
+    before = len(await certificates(rig.iot))
+    rig.emulator.faults.update({"server_error_next": 1000, "server_error_status": 503})
+    try:
+        failure = await rig.handler(batch)
+    finally:
+        rig.emulator.faults.update({"server_error_next": 0})
+    assert failure is not None
+    assert failure.sequence_number == batch.records[0].sequence_number
+    assert "AirVantage" in failure.reason
+    # The consumer retries from the failed record: every record from there is processed again.
+    assert await rig.handler(batch) is None
+    await rig.run_until(lambda: all(d.received for d in devices))
+    # One certificate per gateway: a record done twice re-sent what it had minted.
+    assert len(await certificates(rig.iot)) - before == 3
+    for device, serial in zip(devices, serials, strict=True):
+        [entry] = await rig.ledger.entries_for_thing(f"ztp-{serial}")
+        assert {a.certificate_id for a in device.received} == {entry.certificate_id}
