@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 :class:`Issuer` receives an aiobotocore IoT client, an
 :class:`~cloud_daemon.ledger.IssuanceLedger` and a :class:`~cloud_daemon.ratelimit.RateLimiter`
-through its constructor. Every IoT call takes a token from its API's bucket first; a
-``ThrottlingException`` holds the API's next token back by one slot, doubling on each further
+through its constructor. Every IoT call waits for room in its API's window first; a
+``ThrottlingException`` holds the API's next call back by one slot, doubling on each further
 throttle of the same call (:class:`~cloud_daemon.ratelimit.ThrottleRetry`), and is logged with
 the API and the quota (``iot.throttled``). Botocore exceptions are translated once, here, into
 :mod:`cloud_daemon.errors` types.
@@ -290,9 +290,8 @@ class Issuer:
         attempt = 0
         while True:
             attempt += 1
-            await self._limiter.acquire(api)
             try:
-                async with aws_errors(api):
+                async with self._limiter.call(api), aws_errors(api):
                     response: Mapping[str, Any] = await method(**kwargs)
                     return response
             except ThrottledError as exc:
@@ -300,7 +299,7 @@ class Issuer:
                 if attempt >= retry.attempts:
                     _log.error("iot.throttled", api=api, limit=limit, attempt=attempt, gave_up=True)
                     raise ThrottledError(api, exc.code, limit_name=limit) from exc
-                # The next acquire() waits this out: the slot after the window frees up.
+                # The next limiter.call() waits this out: the slot after the window frees up.
                 delay = self._limiter.throttled(
                     api, attempt=attempt, retry=retry, rand=self._rand()
                 )

@@ -1,29 +1,38 @@
-"""Rate limits for AWS IoT: a token bucket per API, and the backoff after a throttle.
+"""Rate limits for AWS IoT: a sliding window per API, and the wait after a throttle.
 
 AWS IoT allows 15 transactions per second for each of CreateCertificateFromCsr, CreateThing,
 AttachThingPrincipal and AttachPolicy (some accounts 100; DESIGN.md §4). Staying under the
-limit is cheaper than being throttled, so every call first takes a token from its API's bucket.
+limit is cheaper than being throttled, so every call first waits for room in its API's window.
 
-The buckets pace a little under the quota (``margin``, 2.5 % by default). AWS, like the
-sandbox, counts calls in a sliding second on arrival: paced at exactly the quota, any jitter
-between our send and their count puts a 16th call into some second, and that call's slot is
-lost. A throttle that still happens (jitter beyond the margin, another client in the same
-account, an account quota lower than configured) is answered by :meth:`RateLimiter.throttled`:
-the API's bucket hands out its next token only after a wait of one slot, doubling with each
-throttle of the same call (:class:`ThrottleRetry`), so a one-off throttle costs about one slot,
-not a long jittered backoff, while repeated ones back off far enough for a lower quota to be
-met. Every caller of that API waits behind the throttled call, as they would all be refused.
+AWS, like the sandbox, counts calls in a sliding second, each at the moment it arrives. We do
+not know that moment, only that it falls between the call's start and its answer. So
+:class:`SlidingWindow` counts each call from its start (for the call about to be made) to its
+end (for the calls made before): a call may start once the call ``limit`` places back ended at
+least one period ago, which no arrival jitter can turn into a ``limit + 1``-th call within one
+of AWS's seconds. The guard this leaves is one call's latency per ``limit`` calls, instead of a
+guessed margin, and a period lost (a slow record, a pause of the event loop) is made up by the
+calls after it, which an evenly spaced pacer would lose for good. ``margin`` (0.5 % by default)
+stretches the period further, for a clock or a counting rule of AWS's that differs.
 
-:class:`TokenBucket` is the pure core (the time is passed in); :class:`RateLimiter` is the
+A throttle that still happens (another client in the same account, an account quota lower than
+configured) is answered by :meth:`RateLimiter.throttled`: the API's window admits nothing for
+one slot (``period / limit``), doubling with each throttle of the same call
+(:class:`ThrottleRetry`), so a one-off throttle costs about one slot, not a long jittered
+backoff, while repeated ones back off far enough for a lower quota to be met. Every caller of
+that API waits behind the throttled call, as they would all be refused.
+
+:class:`SlidingWindow` is the pure core (the time is passed in); :class:`RateLimiter` is the
 async driver, with the clock and the sleep handed in so tests need not wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -34,14 +43,15 @@ __all__ = [
     "DEFAULT_IOT_TPS",
     "DEFAULT_MARGIN",
     "Backoff",
+    "CallSlot",
     "RateLimiter",
+    "SlidingWindow",
     "ThrottleRetry",
-    "TokenBucket",
 ]
 
 DEFAULT_IOT_TPS: Final = 15.0
-DEFAULT_MARGIN: Final = 0.025
-"""The fraction of each quota left unused, so arrival jitter does not overrun a sliding second."""
+DEFAULT_MARGIN: Final = 0.005
+"""How much longer than AWS's second the window's period is (0.5 %)."""
 _MAX_DOUBLINGS: Final = 62
 
 
@@ -53,59 +63,112 @@ def _check_positive(name: str, value: object) -> float:
     return float(value)
 
 
-class TokenBucket:
-    """A token bucket that hands out reservations: pure, the time passed in.
+@dataclass(slots=True)
+class CallSlot:
+    """One call counted by a :class:`SlidingWindow`: when it started, and when it ended.
 
-    A call to :meth:`reserve` always succeeds and returns how long the caller must wait before
-    acting. The balance may go negative, so concurrent callers queue in arrival order, each
-    waiting one token's time after the one before, and a burst never exceeds ``burst``.
-
-    Args:
-        rate: tokens per second.
-        burst: the bucket's capacity. The default, 1, spaces calls evenly ``1 / rate`` apart:
-            AWS does not publish IoT's burst allowance, and a full second's burst on top of
-            the rate could put ``2 * rate`` calls into one second.
-        now: the time the bucket starts, full.
-
-    Raises:
-        UsageError: ``rate`` or ``burst`` is not a positive number.
+    Attributes:
+        start: when the call was let through.
+        end: when its answer came (``None`` while it is in flight).
     """
 
-    def __init__(self, *, rate: float, burst: float | None = None, now: float) -> None:
-        self.rate = _check_positive("rate", rate)
-        self.burst = 1.0 if burst is None else _check_positive("burst", burst)
-        self._tokens = self.burst
-        self._stamp = now
+    start: float
+    end: float | None = None
 
-    def reserve(self, now: float) -> float:
-        """Take one token.
+
+class SlidingWindow:
+    """At most ``limit`` calls in any ``period`` seconds, each counted from start to end. Pure.
+
+    Args:
+        limit: calls allowed per period (>= 1).
+        period: the window's length in seconds.
+
+    Raises:
+        UsageError: ``limit`` is not a positive integer, or ``period`` not a positive number.
+    """
+
+    def __init__(self, *, limit: int, period: float) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UsageError("limit must be a positive integer")
+        self.limit = limit
+        self.period = _check_positive("period", period)
+        self._calls: deque[CallSlot] = deque(maxlen=limit)
+        self._not_before = -math.inf
+
+    @classmethod
+    def for_rate(cls, rate: float, *, margin: float = 0.0) -> SlidingWindow:
+        """The window that keeps calls within ``rate`` per second in every sliding second.
 
         Args:
-            now: the current time, on the clock given at construction.
+            rate: calls per second (>= 1: ``floor(rate)`` per second; below 1: one call per
+                ``1 / rate`` seconds).
+            margin: the fraction the period is stretched by.
 
         Returns:
-            Seconds to wait before the call this token pays for (0.0 when one was available).
+            The window.
+
+        Raises:
+            UsageError: ``rate`` is not a positive number.
         """
-        elapsed = max(0.0, now - self._stamp)
-        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
-        self._stamp = max(self._stamp, now)
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+        rate = _check_positive("rate", rate)
+        limit, period = (math.floor(rate), 1.0) if rate >= 1 else (1, 1.0 / rate)
+        return cls(limit=limit, period=period * (1.0 + margin))
+
+    @property
+    def slot(self) -> float:
+        """One call's share of the period (``period / limit``)."""
+        return self.period / self.limit
+
+    def wait(self, now: float) -> float | None:
+        """How long until a call may start.
+
+        Args:
+            now: the current time.
+
+        Returns:
+            Seconds to wait (0.0: start it now), or ``None`` while the call ``limit`` places
+            back is still in flight (ask again once a call ends).
+        """
+        held = max(0.0, self._not_before - now)
+        if len(self._calls) < self.limit:
+            return held
+        end = self._calls[0].end
+        if end is None:
+            return None
+        return max(held, end + self.period - now)
+
+    def start(self, now: float) -> CallSlot:
+        """Count a call starting now (after :meth:`wait` said 0).
+
+        Args:
+            now: the current time.
+
+        Returns:
+            The slot to :meth:`finish` when the call's answer comes.
+
+        Raises:
+            UsageError: the window has no room now (a caller bug).
+        """
+        if self.wait(now) != 0.0:
+            raise UsageError("SlidingWindow.start() without room: wait() first")
+        slot = CallSlot(now)
+        self._calls.append(slot)
+        return slot
+
+    @staticmethod
+    def finish(slot: CallSlot, now: float) -> None:
+        """The call's answer came (or it failed, or was cancelled) at ``now``."""
+        if slot.end is None:
+            slot.end = max(slot.start, now)
 
     def defer(self, now: float, delay: float) -> None:
-        """Hand out no token before ``now + delay`` (the API refused a call: its window is full).
-
-        Reservations already made keep their times; the next :meth:`reserve` at ``now`` waits
-        at least ``delay``, and those after it one token's time more each.
+        """Let no call start before ``now + delay`` (the API refused one: its window is full).
 
         Args:
             now: the current time.
             delay: seconds (negative counts as 0).
         """
-        elapsed = max(0.0, now - self._stamp)
-        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
-        self._stamp = max(self._stamp, now)
-        self._tokens = min(self._tokens, 1.0 - max(0.0, delay) * self.rate)
+        self._not_before = max(self._not_before, now + max(0.0, delay))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,13 +257,13 @@ class ThrottleRetry:
 
 @dataclass(slots=True)
 class RateLimiter:
-    """One token bucket per API name, created on first use, pacing under each quota.
+    """One sliding window per API name, created on first use, keeping each API within its quota.
 
     Args:
         default_tps: the quota of an API without an override (AWS IoT: 15).
         per_api: overrides, by operation name (``{"CreateThing": 100.0}``).
-        margin: the fraction of each quota left unused (0.025: 15 TPS is paced at 14.625);
-            0 paces at the quota itself.
+        margin: the fraction the window's period is stretched by (0.005: 15 calls per
+            1.005 s at most); 0 keeps the quota's own second.
         clock: a monotonic clock in seconds.
         sleep: how to wait (``asyncio.sleep``; tests may record instead).
 
@@ -213,7 +276,9 @@ class RateLimiter:
     margin: float = DEFAULT_MARGIN
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    _buckets: dict[str, TokenBucket] = field(default_factory=dict, init=False, repr=False)
+    _windows: dict[str, SlidingWindow] = field(default_factory=dict, init=False, repr=False)
+    _turns: dict[str, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
+    _ended: dict[str, asyncio.Event] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_positive("default_tps", self.default_tps)
@@ -230,22 +295,55 @@ class RateLimiter:
         """The quota for ``api``, in transactions per second (what a throttle log names)."""
         return self.per_api.get(api, self.default_tps)
 
-    def pace_for(self, api: str) -> float:
-        """The rate calls to ``api`` are paced at: its quota less the margin."""
-        return self.limit_for(api) * (1.0 - self.margin)
+    def window_for(self, api: str) -> SlidingWindow:
+        """The window that paces ``api`` (created on first use)."""
+        window = self._windows.get(api)
+        if window is None:
+            window = SlidingWindow.for_rate(self.limit_for(api), margin=self.margin)
+            self._windows[api] = window
+            self._turns[api] = asyncio.Lock()
+            self._ended[api] = asyncio.Event()
+        return window
 
-    def _bucket(self, api: str) -> TokenBucket:
-        bucket = self._buckets.get(api)
-        if bucket is None:
-            bucket = TokenBucket(rate=self.pace_for(api), now=self.clock())
-            self._buckets[api] = bucket
-        return bucket
+    @contextlib.asynccontextmanager
+    async def call(self, api: str) -> AsyncIterator[float]:
+        """Wait for room in ``api``'s window, and count the call made in the ``async with``.
+
+        Callers wait their turn in arrival order. The call counts until the block is left
+        (answered, failed or cancelled).
+
+        Args:
+            api: the operation name (``CreateCertificateFromCsr``).
+
+        Yields:
+            The seconds waited.
+        """
+        window = self.window_for(api)
+        ended = self._ended[api]
+        waited = 0.0
+        async with self._turns[api]:
+            while (wait := window.wait(self.clock())) != 0.0:
+                if wait is None:
+                    # The call that bounds this one is in flight: its end sets the event.
+                    ended.clear()
+                    started = self.clock()
+                    await ended.wait()
+                    waited += self.clock() - started
+                else:
+                    await self.sleep(wait)
+                    waited += wait
+            slot = window.start(self.clock())
+        try:
+            yield waited
+        finally:
+            window.finish(slot, self.clock())
+            ended.set()
 
     def throttled(self, api: str, *, attempt: int, retry: ThrottleRetry, rand: float) -> float:
-        """AWS refused a call to ``api`` (ThrottlingException): hold its next token back.
+        """AWS refused a call to ``api`` (ThrottlingException): hold its next call back.
 
-        Call :meth:`acquire` again before retrying: it waits out the returned delay, behind
-        calls that had already reserved their slot.
+        The retry goes through :meth:`call` again: it waits out the returned delay, behind
+        calls already waiting their turn.
 
         Args:
             api: the operation name.
@@ -254,23 +352,9 @@ class RateLimiter:
             rand: a uniform draw in [0, 1).
 
         Returns:
-            The seconds before the API's next token (for the log).
+            The seconds before the API's next call (for the log).
         """
-        bucket = self._bucket(api)
-        delay = retry.delay(attempt, slot=1.0 / bucket.rate, rand=rand)
-        bucket.defer(self.clock(), delay)
+        window = self.window_for(api)
+        delay = retry.delay(attempt, slot=window.slot, rand=rand)
+        window.defer(self.clock(), delay)
         return delay
-
-    async def acquire(self, api: str) -> float:
-        """Wait until a call to ``api`` fits its rate.
-
-        Args:
-            api: the operation name (``CreateCertificateFromCsr``).
-
-        Returns:
-            The seconds waited.
-        """
-        wait = self._bucket(api).reserve(self.clock())
-        if wait > 0:
-            await self.sleep(wait)
-        return wait
