@@ -474,10 +474,16 @@ class OutboxCore:
             or self._bytes + total > limits.max_bytes
         ):
             dropped = self._make_room(count, total)
+        # _enter, inlined: this loop runs once per message a producer hands over.
         first = self._next_seq
-        for size in sizes:
-            self._enter(size)
-        return BatchAdmission(tuple(range(first, self._next_seq)), dropped)
+        entries, order, accepted = self._entries, self._order, EntryState.ACCEPTED
+        for seq, size in enumerate(sizes, first):
+            entries[seq] = _Entry(size, accepted)
+            order.append(seq)
+        self._next_seq = first + count
+        self._bytes += total
+        self._counters.accepted += count
+        return BatchAdmission(tuple(range(first, first + count)), dropped)
 
     def _make_room(self, count: int, total: int) -> tuple[tuple[int, int], ...]:
         """Apply the overflow policy for ``count`` new messages of ``total`` bytes."""
@@ -911,7 +917,7 @@ class Outbox:
         # idle SQLite thread is not woken for every loop turn that saw a PUBACK.
         self._delete_timer: asyncio.TimerHandle | None = None
         # seq → (topic, payload, message id) of messages whose payload is in memory.
-        self._resident: dict[int, tuple[str, bytes, str]] = {}
+        self._resident: dict[int, StoredMessage] = {}
         # Topics already checked (producers reuse a handful; bounded all the same).
         self._checked_topics: set[str] = set()
         self._resident_bytes = 0
@@ -1065,8 +1071,18 @@ class Outbox:
         request = self._request
         start = len(request.inserts)
         now_ms = int(self._clock() * 1000)
+        # _stage, inlined: this loop runs once per message.
+        inserts, ids, resident = request.inserts, request.ids, self._resident
+        budget = self._limits.resident_bytes - self._resident_bytes
+        prefix = f"{self._uid}-"
         for seq, payload in zip(admission.seqs, payloads, strict=True):
-            self._stage(request, seq, topic, payload, now_ms)
+            message_id = f"{prefix}{seq}"
+            inserts.append((seq, topic, payload, 1, now_ms))
+            ids.append(message_id)
+            if len(payload) <= budget:
+                resident[seq] = _stored_message(seq, message_id, topic, payload)
+                budget -= len(payload)
+        self._resident_bytes = self._limits.resident_bytes - budget
         request.waiters.append((future, start, len(request.inserts), False))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -1099,7 +1115,7 @@ class Outbox:
         request.inserts.append((seq, topic, payload, 1, now_ms))
         request.ids.append(message_id)
         if self._resident_bytes + len(payload) <= self._limits.resident_bytes:
-            self._resident[seq] = (topic, payload, message_id)
+            self._resident[seq] = _stored_message(seq, message_id, topic, payload)
             self._resident_bytes += len(payload)
 
     async def put(self, topic: str, payload: bytes, *, qos: int = 1) -> str:
@@ -1150,7 +1166,7 @@ class Outbox:
     def _forget_payload(self, seq: int) -> None:
         cached = self._resident.pop(seq, None)
         if cached is not None:
-            self._resident_bytes -= len(cached[1])
+            self._resident_bytes -= len(cached.payload)
 
     def _dropped(self, dropped: tuple[tuple[int, int], ...]) -> None:
         for seq, _size in dropped:
@@ -1179,8 +1195,7 @@ class Outbox:
             return None
         if core.in_flight == 1:  # it was 0: no longer idle
             self._idle.clear()
-        topic, payload, message_id = resident[seq]
-        return _stored_message(seq, message_id, topic, payload)
+        return resident[seq]
 
     async def next_message(self) -> StoredMessage:
         """Wait for the next message to publish (within the in-flight bound) and take it.
@@ -1237,7 +1252,7 @@ class Outbox:
         found = result or {}
         for seq, (topic, payload, _qos) in found.items():
             if self._core.state(seq) is not EntryState.GONE and seq not in self._resident:
-                self._resident[seq] = (topic, payload, f"{self._uid}-{seq}")
+                self._resident[seq] = _stored_message(seq, f"{self._uid}-{seq}", topic, payload)
                 self._resident_bytes += len(payload)
         missing = [
             s
