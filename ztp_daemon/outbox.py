@@ -26,7 +26,13 @@ Two layers, as everywhere in the daemon:
   callers of that transaction. Rows go in multi-row statements, so the thread re-takes the GIL
   once per statement rather than once per row. Deletes after PUBACKs are not urgent (a lost
   one only means a duplicate after a crash): they wait up to 20 ms for the next transaction
-  instead of waking the thread on every loop turn.
+  instead of waking the thread on every loop turn, and PUBACKs come nearly in order, so runs
+  of consecutive seqs are deleted as ranges (``BETWEEN``), the rest by an ``IN`` list.
+
+The publisher's hot path (:meth:`Outbox.take_nowait`, :meth:`Outbox.ack`) costs a few
+microseconds per message: one check of the head (:meth:`OutboxCore.take_head_if`), the
+:class:`StoredMessage` built once when the message is staged, and the moves of the hot path read
+once from :data:`TRANSITIONS` rather than looked up per message.
 
 Payloads stay in memory up to ``resident_bytes`` (the hot path never reads SQLite back); past that
 budget, and after a restart, they are read back from SQLite in batches just before sending.
