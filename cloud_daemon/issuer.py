@@ -575,17 +575,26 @@ class Issuer:
         Raises:
             LedgerConflictError: the entry moved in a way that forbids it (never expected).
         """
-        entry = await self._ledger.get(issued.thing_name, issued.entry.key_sha256)
-        if entry is None or not entry.has_certificate:
-            raise LedgerConflictError(issued.thing_name, issued.entry.key_sha256, "a certificate")
-        target = (
-            IssuanceState.CONFIRMED
-            if entry.state is IssuanceState.CONFIRMED
-            else IssuanceState.ISSUED
-        )
-        await self._ledger.advance(
-            entry, target, now=self._clock(), request_id=request_id, operation_uid=operation_uid
-        )
+        entry: LedgerEntry | None = issued.entry
+        for _ in range(2):
+            if entry is None or not entry.has_certificate:
+                break
+            target = (
+                IssuanceState.CONFIRMED
+                if entry.state is IssuanceState.CONFIRMED
+                else IssuanceState.ISSUED
+            )
+            try:
+                await self._ledger.advance(
+                    entry, target, now=self._clock(), request_id=request_id,
+                    operation_uid=operation_uid,
+                )  # fmt: skip
+            except LedgerConflictError:
+                # The entry moved since issue() returned (confirmed meanwhile): read it again.
+                entry = await self._ledger.get(issued.thing_name, issued.entry.key_sha256)
+            else:
+                return
+        raise LedgerConflictError(issued.thing_name, issued.entry.key_sha256, "a certificate")
 
     async def confirm(self, *, serial: str, certificate_id: str) -> Confirmation:
         """The device installed ``certificate_id``: mark it, deactivate the thing's others.

@@ -455,6 +455,20 @@ async def test_a_second_key_for_a_created_thing_is_still_found_at_confirmation(
     assert await active_for_thing(iot, first.thing_name) == [first.certificate_id]
 
 
+async def test_a_delivery_recorded_after_the_confirmation_keeps_it_confirmed(
+    iot: Any, ledger: SqliteLedger
+) -> None:
+    serial = new_serial()
+    issuer = make_issuer(iot, ledger)
+    issued = await issuer.issue(serial=serial, system_uid="s1", request_id="r1", csr=vetted(serial))
+    await issuer.confirm(serial=serial, certificate_id=issued.certificate_id)
+    # The delivery task records its operation after the device already confirmed.
+    await issuer.record_delivery(issued, request_id="r1", operation_uid="op-late")
+    entry = await ledger.get(issued.thing_name, issued.entry.key_sha256)
+    assert entry is not None
+    assert (entry.state, entry.operation_uid) == (IssuanceState.CONFIRMED, "op-late")
+
+
 async def test_confirming_an_unknown_certificate_changes_nothing(
     iot: Any, ledger: SqliteLedger
 ) -> None:
