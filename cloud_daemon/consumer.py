@@ -108,6 +108,7 @@ _RATE_WINDOW = 10.0  # seconds of history behind records_per_second
 # arrive, and a request's latency varies, so calls spaced exactly poll_interval (0.2 s) apart
 # sometimes arrive as a sixth call in one second and are throttled.
 _PACING_MARGIN = 0.01
+_BUILD_CHUNK = 500  # records built between two yields to the event loop
 
 
 class StartPosition(enum.Enum):
@@ -601,9 +602,9 @@ class _Processed(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Fetched:
-    """One GetRecords answer, read and validated."""
+    """One GetRecords answer."""
 
-    records: list[StreamRecord]  # after the read position, in order
+    records: list[Any]  # its Records, as aiobotocore returned them (not yet validated)
     next_iterator: str | None  # ``None``: a closed shard read to its end
     millis_behind: int | None
     started: float  # loop time the call went out (pacing counts from it)
@@ -792,8 +793,9 @@ class ShardConsumer:
                     ahead = self._fetch_ahead(
                         fetched.next_iterator, fetched.started + idle + _PACING_MARGIN, stop
                     )
-                if fetched.records:
-                    processed = await self._process(fetched.records, fetched.millis_behind, stop)
+                records = await self._read_records(fetched.records)
+                if records:
+                    processed = await self._process(records, fetched.millis_behind, stop)
                     if processed is _Processed.STOPPED:
                         return ShardOutcome.STOPPED
                     if processed is _Processed.AFTER_FAILURES and ahead is not None:
@@ -820,6 +822,37 @@ class ShardConsumer:
             if ahead is not None:
                 await _cancel(ahead, "reader ending")
 
+    async def _read_records(self, answer: list[Any]) -> list[StreamRecord]:
+        """Build and validate an answer's records; drop those at or before the read position.
+
+        The call reading ahead is already scheduled: yielding to the loop between chunks lets
+        its request go out early, so the sandbox or AWS prepares the next answer while these
+        records are built, rather than after.
+
+        Raises:
+            DecodeError: a malformed record, or sequence numbers that do not increase.
+        """
+        records: list[StreamRecord] = []
+        for start in range(0, len(answer), _BUILD_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            chunk = records_from_aws(self.shard_id, answer[start : start + _BUILD_CHUNK])
+            if records and chunk[0].sequence_number <= records[-1].sequence_number:
+                raise DecodeError(
+                    "Records[].SequenceNumber",
+                    "increasing sequence numbers",
+                    chunk[0].sequence_number,
+                )
+            records += chunk
+        after = self._read_position
+        if records and after is not None and records[0].sequence_number <= after:
+            # A fresh iterator can start at or before the read position: those are held or
+            # handled already.
+            records = [r for r in records if r.sequence_number > after]
+        if records:
+            self._read_position = records[-1].sequence_number
+        return records
+
     def _fetch_ahead(
         self, iterator: str | None, not_before: float, stop: asyncio.Event
     ) -> asyncio.Task[_Fetched | None]:
@@ -841,7 +874,7 @@ class ShardConsumer:
             stop: ends the waits (pacing, backoff) early.
 
         Returns:
-            The answer's records after the read position, or ``None`` if ``stop`` came first.
+            The answer, or ``None`` if ``stop`` came first.
 
         Raises:
             DecodeError: AWS answered something malformed.
@@ -880,14 +913,9 @@ class ShardConsumer:
             behind = answer.get("MillisBehindLatest")
             behind = behind if isinstance(behind, int) else None
             self.counters.millis_behind_latest = behind
-            records = records_from_aws(self.shard_id, answer.get("Records", []))
-            after = self._read_position
-            if records and after is not None and records[0].sequence_number <= after:
-                # A fresh iterator can start at or before the read position: those are held
-                # or handled already.
-                records = [r for r in records if r.sequence_number > after]
-            if records:
-                self._read_position = records[-1].sequence_number
+            records = answer.get("Records", [])
+            if not isinstance(records, list):
+                raise DecodeError("Records", "a list", type(records).__name__)
             next_iterator = answer.get("NextShardIterator")
             if next_iterator is not None and not isinstance(next_iterator, str):
                 raise DecodeError("NextShardIterator", "a string", type(next_iterator).__name__)
