@@ -1191,6 +1191,58 @@ async def test_stopping_with_a_read_ahead_loses_nothing_and_checkpoints_what_was
     assert store.rows[shard].checkpoint == put[-1]
 
 
+class OutOfOrderKinesis:
+    """A stand-in for Kinesis answering one GetRecords out of order, across two of the chunks
+    the reader builds records in: no real peer answers so, which is the point."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def get_shard_iterator(self, **request: Any) -> dict[str, Any]:
+        self.requests.append(request)
+        return {"ShardIterator": "iterator-1"}
+
+    async def get_records(self, **request: Any) -> dict[str, Any]:
+        self.requests.append(request)
+        sequences = list(range(1, 1201))
+        sequences[500] = 3  # chunk two (records 500-999) starts below chunk one
+        return {
+            "Records": [aws_record(seq) for seq in sequences],
+            "NextShardIterator": f"iterator-{len(self.requests)}",
+            "MillisBehindLatest": 0,
+        }
+
+
+async def test_an_answer_out_of_order_across_build_chunks_is_refused_and_nothing_handled() -> None:
+    store = MemoryLeaseStore()
+    lease = await store.acquire(
+        "s0", owner="w1", expected_counter=None, now=time.time(), duration=30.0
+    )
+    handled: list[ShardBatch] = []
+
+    async def handle(batch: ShardBatch) -> RecordFailure | None:
+        handled.append(batch)
+        return None
+
+    kinesis = OutOfOrderKinesis()
+    consumer = ShardConsumer(
+        kinesis=kinesis,
+        leases=store,
+        handler=handle,
+        dead_letter=MemoryDeadLetter(),
+        config=fast_config("s"),
+        lease=lease,
+    )
+    with pytest.raises(DecodeError) as caught:
+        async with asyncio.timeout(10):
+            await consumer.run(asyncio.Event())
+    assert caught.value.field == "Records[].SequenceNumber"
+    assert handled == []
+    assert store.rows["s0"].checkpoint is None
+    assert fetch_tasks() == []  # the call reading ahead was cancelled on the way out
+    assert [r.get("ShardIteratorType") for r in kinesis.requests] == ["TRIM_HORIZON", None]
+
+
 # --- consumers in processes of their own: SIGKILL and SIGTERM ------------------------------
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
