@@ -210,6 +210,8 @@ class IotSection:
         endpoint: the data endpoint to announce instead of asking DescribeEndpoint.
         tps: calls per second per IoT API (AWS: 15).
         tps_per_api: overrides, ``Api=rate`` items (``CreateThing=100``).
+        tps_margin: how far under each rate to pace, as a fraction (0.005 = 0.5 %), so clock
+            jitter never puts one call too many into a second.
         intent_timeout: seconds after which an unresolved issuance intent is abandoned.
     """
 
@@ -218,6 +220,7 @@ class IotSection:
     endpoint: str | None = None
     tps: float = field(default=15.0, metadata=_POSITIVE)
     tps_per_api: tuple[str, ...] = ()
+    tps_margin: float = field(default=0.005, metadata={"min": 0.0, "max": 0.5})
     intent_timeout: float = field(default=60.0, metadata=_POSITIVE)
 
     def __post_init__(self) -> None:

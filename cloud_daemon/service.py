@@ -308,7 +308,11 @@ async def serve(
         issuer = Issuer(
             iot=_ThrottleCounter(iot, metrics),
             ledger=ledger,
-            limiter=RateLimiter(default_tps=config.iot.tps, per_api=config.iot.rates()),
+            limiter=RateLimiter(
+                default_tps=config.iot.tps,
+                per_api=config.iot.rates(),
+                margin=config.iot.tps_margin,
+            ),
             config=config.issuer_config(),
         )
         deliveries = DeliveryLoop(
