@@ -485,6 +485,44 @@ def _restore_iot_throttling(state: SandboxState) -> None:
     original_call_action = _replace(IoTResponse, "call_action", call_action)
 
 
+def _restore_thing_idempotence() -> None:
+    """CreateThing on an existing name returns that thing, or refuses another configuration.
+
+    moto replaces the thing: a new thingId, the type and attributes overwritten, the version back
+    to 1, while its attached principals keep pointing at the replaced object. AWS documents that
+    repeating CreateThing with the same name and configuration (thing type and attributes)
+    succeeds and answers the existing thing (same ARN and id, nothing changed), and that the same
+    name with another configuration raises ResourceAlreadyExistsException (HTTP 409).
+    """
+    from moto.iot import models  # noqa: PLC0415
+    from moto.iot.exceptions import ResourceAlreadyExistsException  # noqa: PLC0415
+
+    def create_thing(
+        self: Any,
+        thing_name: str,
+        thing_type_name: str | None,
+        attribute_payload: dict[str, Any] | None,
+        billing_group_name: str | None = None,
+    ) -> Any:
+        existing = next((t for t in self.things.values() if t.thing_name == thing_name), None)
+        if existing is None:
+            return original_create_thing(
+                self, thing_name, thing_type_name, attribute_payload, billing_group_name
+            )
+        # moto stores no payload as no attributes and no type as None: compare on those terms.
+        attributes = (attribute_payload or {}).get("attributes") or {}
+        current_type = existing.thing_type.thing_type_name if existing.thing_type else None
+        if (thing_type_name or None) == current_type and attributes == existing.attributes:
+            return existing
+        raise ResourceAlreadyExistsException(
+            f"Thing {thing_name} already exists in account with different attributes",
+            existing.thing_id,
+            existing.arn,
+        )
+
+    original_create_thing = _replace(models.IoTBackend, "create_thing", create_thing)
+
+
 # --------------------------------------------------------------------------------------------
 # Kinesis.
 
@@ -882,6 +920,7 @@ def install(state: SandboxState) -> None:
     _restore_stable_endpoint(state)
     _restore_certificate_statuses(state)
     _restore_iot_throttling(state)
+    _restore_thing_idempotence()
     _restore_reshard_routing()
     _restore_shard_iterators(state)
     _restore_list_shards_pagination(state)

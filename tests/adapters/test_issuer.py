@@ -399,11 +399,6 @@ async def test_confirming_a_thing_this_process_created_lists_nothing(
     assert counted.calls == ["list_thing_principals"]  # remembered once, then listed as ever
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="moto 5.2 answers CreateThing for an existing thing of another configuration by"
-    " replacing it; AWS raises ResourceAlreadyExistsException (a sandbox fidelity patch is due)",
-)
 async def test_confirming_a_thing_that_existed_still_deactivates_its_other_certificates(
     iot: Any, ledger: SqliteLedger
 ) -> None:

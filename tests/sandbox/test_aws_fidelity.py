@@ -485,6 +485,88 @@ async def test_iot_default_rate_is_fifteen_per_second(aws: MotoSandbox, iot: Any
     assert {o.response["Error"]["Code"] for o in throttled} == {"ThrottlingException"}
 
 
+async def describe_thing(iot: Any, name: str) -> dict[str, Any]:
+    described = await iot.describe_thing(thingName=name)
+    return {k: described.get(k) for k in ("thingId", "thingArn", "thingTypeName", "attributes")}
+
+
+@on_module_loop
+async def test_create_thing_again_with_the_same_configuration_answers_the_existing_thing(
+    iot: Any,
+) -> None:
+    await iot.create_thing_type(thingTypeName="gateway")
+    config = {"thingTypeName": "gateway", "attributePayload": {"attributes": {"serial": "SN1"}}}
+    first = await iot.create_thing(thingName="thing-same", **config)
+    certificate_id, _ = await create_certificate(iot)
+    arn = (await iot.describe_certificate(certificateId=certificate_id))["certificateDescription"][
+        "certificateArn"
+    ]
+    await iot.attach_thing_principal(thingName="thing-same", principal=arn)
+    before = await describe_thing(iot, "thing-same")
+
+    again = await iot.create_thing(thingName="thing-same", **config)
+    assert (again["thingName"], again["thingArn"], again["thingId"]) == (
+        first["thingName"],
+        first["thingArn"],
+        first["thingId"],
+    )
+    assert await describe_thing(iot, "thing-same") == before
+    assert (await iot.list_thing_principals(thingName="thing-same"))["principals"] == [arn]
+
+    # A thing made with no type and no attributes repeats the same way.
+    bare = await iot.create_thing(thingName="thing-bare")
+    assert (await iot.create_thing(thingName="thing-bare"))["thingId"] == bare["thingId"]
+    repeated = await iot.create_thing(thingName="thing-bare", attributePayload={"attributes": {}})
+    assert repeated["thingId"] == bare["thingId"]
+
+
+@on_module_loop
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"thingTypeName": "gateway", "attributePayload": {"attributes": {"serial": "SN2"}}},
+        {"thingTypeName": "gateway", "attributePayload": {"attributes": {"owner": "x"}}},
+        {
+            "thingTypeName": "gateway",
+            "attributePayload": {"attributes": {"serial": "SN1", "owner": "x"}},
+        },
+        {"thingTypeName": "gateway"},
+        {"thingTypeName": "router", "attributePayload": {"attributes": {"serial": "SN1"}}},
+        {"attributePayload": {"attributes": {"serial": "SN1"}}},
+        {},
+    ],
+    ids=[
+        "other-value",
+        "other-name",
+        "one-more",
+        "no-attributes",
+        "other-type",
+        "no-type",
+        "nothing",
+    ],
+)
+async def test_create_thing_again_with_another_configuration_is_refused_and_changes_nothing(
+    iot: Any, config: dict[str, Any]
+) -> None:
+    for type_name in ("gateway", "router"):
+        await iot.create_thing_type(thingTypeName=type_name)
+    created = await iot.create_thing(
+        thingName="thing-taken",
+        thingTypeName="gateway",
+        attributePayload={"attributes": {"serial": "SN1"}},
+    )
+    before = await describe_thing(iot, "thing-taken")
+
+    with pytest.raises(ClientError) as error:
+        await iot.create_thing(thingName="thing-taken", **config)
+    assert error_code(error) == "ResourceAlreadyExistsException"
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 409
+    assert error.value.response.get("resourceArn") == created["thingArn"]
+    assert await describe_thing(iot, "thing-taken") == before
+
+
+# --------------------------------------------------------------------------------------------
+# Kinesis.
 # --------------------------------------------------------------------------------------------
 # Kinesis.
 
