@@ -24,7 +24,9 @@ meantime by someone else is retried with a new one.
 Reloads: the password file, the ACL and the CRL are rewritten, then mosquitto gets SIGHUP. A
 reload counts as done when mosquitto's log shows ``Reloading config.`` after the signal *and* a
 fresh CONNECT then succeeds: mosquitto is single-threaded and reloads inside one turn of its main
-loop, so a connection it accepts after logging the reload is served with the new files.
+loop, so a connection it accepts after logging the reload is served with the new files. mosquitto
+clears its reload flag when a reload ends, so a SIGHUP that arrives during another reload is lost;
+one with no ``Reloading config.`` after it within a quarter second is sent again.
 
 Processes: children are ``subprocess.Popen`` objects, and their exit is awaited through a pidfd
 registered on whichever loop is running. A broker object is therefore not tied to the event loop
@@ -108,6 +110,9 @@ _RUNNING = re.compile(rb"mosquitto version \S+ running")
 _ADDRESS_IN_USE = b"Address already in use"
 _PORT_ATTEMPTS = 5
 _PROBE_TIMEOUT = 2.0
+# mosquitto acts on a SIGHUP within one turn of its loop (a nudge makes that immediate): a reload
+# not in the log by then was lost and is asked for again.
+_RESIGNAL_AFTER = 0.25
 _LOG_TAIL_LINES = 25
 
 _live_children: set[subprocess.Popen[bytes]] = set()
@@ -383,6 +388,20 @@ def _read_from(path: Path, offset: int) -> bytes:
             return handle.read()
     except FileNotFoundError:
         return b""
+
+
+def log_size(path: Path) -> int:
+    """How many bytes a broker's log holds now: the offset to pass to :func:`log_shows_reload`."""
+    return _size(path)
+
+
+def log_shows_reload(log_file: Path, offset: int) -> bool:
+    """Whether mosquitto logged the start of a reload in ``log_file`` past ``offset``.
+
+    mosquitto logs ``Reloading config.`` before it rereads any file, so a mark past an offset
+    taken after the files were rewritten proves the new files are the ones being read.
+    """
+    return _RELOAD_MARK in _read_from(log_file, offset)
 
 
 def _no_whitespace(path: Path) -> Path:
@@ -753,18 +772,26 @@ class _Mosquitto(abc.ABC):
             return
         offset = _size(self.log_file)
         began = time.monotonic()
-        child.send_signal(signal.SIGHUP)
         delay = 0.002
         try:
             async with asyncio.timeout(self._reload_timeout):
+                signalled = time.monotonic()
+                child.send_signal(signal.SIGHUP)
                 await self._nudge()
-                while _RELOAD_MARK not in _read_from(self.log_file, offset):
+                while not log_shows_reload(self.log_file, offset):
                     if child.poll() is not None:
                         raise BrokerReloadError(
                             self.name,
                             f"mosquitto exited with status {child.returncode} on reload",
                             log_tail=_tail((self.log_file, self._output_file)),
                         )
+                    if time.monotonic() - signalled >= _RESIGNAL_AFTER:
+                        # mosquitto clears its reload flag only when a reload ends, so a SIGHUP
+                        # that lands during one (another process, the moto fidelity layer, also
+                        # signals this broker) is lost: send it again.
+                        signalled = time.monotonic()
+                        child.send_signal(signal.SIGHUP)
+                        await self._nudge()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.05)
                 username, password = self._probe_credentials()

@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from sandbox.brokers import log_shows_reload, log_size
 from sandbox.pki import SandboxPki
 from shared.errors import ConfigError
 
@@ -58,6 +59,9 @@ _GET_RECORDS_MAX: Final = 10_000
 _GET_RECORDS_MAX_BYTES: Final = 10 * 1024 * 1024
 _LIST_SHARDS_PAGE_MAX: Final = 1000  # AWS returns at most 1,000 shards per page
 _EC_CURVES: Final = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+# A reload shows in mosquitto's log within one turn of its loop (at most about 100 ms when idle).
+_RESIGNAL_SECONDS: Final = 0.25
+_RELOAD_CONFIRM_SECONDS: Final = 10.0
 
 _log = structlog.get_logger()
 
@@ -265,17 +269,42 @@ class SandboxState:
         self._signal_broker()
 
     def _signal_broker(self) -> None:
-        """SIGHUP the IoT broker so it reloads the CRL (mosquitto rereads ``crlfile`` on HUP)."""
+        """SIGHUP the IoT broker so it reloads the CRL (mosquitto rereads ``crlfile`` on HUP).
+
+        mosquitto loses a SIGHUP that arrives while it is already reloading, so a thread watches
+        the broker's log and signals again until a reload that began after the CRL was written
+        shows there.
+        """
         if self.iot_broker_pid_file is None:
             return
+        # The broker writes its log beside its pid file, under the same name (sandbox.brokers).
+        log_file = self.iot_broker_pid_file.with_suffix(".log")
+        offset = log_size(log_file)
         try:
             pid = int(self.iot_broker_pid_file.read_text().strip())
             os.kill(pid, signal.SIGHUP)
         except (OSError, ValueError) as exc:
             # The broker may not be running (yet): the CRL file is still right for its next start.
             _log.warning("sandbox.broker_not_signalled", error=str(exc))
-        else:
-            _log.info("sandbox.broker_signalled", pid=pid)
+            return
+        _log.info("sandbox.broker_signalled", pid=pid)
+        threading.Thread(
+            target=_confirm_reload, args=(pid, log_file, offset), name="crl-reload", daemon=True
+        ).start()
+
+
+def _confirm_reload(pid: int, log_file: Path, offset: int) -> None:
+    """Signal ``pid`` again until its log shows a reload past ``offset`` (bounded)."""
+    deadline = time.monotonic() + _RELOAD_CONFIRM_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(_RESIGNAL_SECONDS)
+        if log_shows_reload(log_file, offset):
+            return
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError:
+            return  # the broker is gone; its next start reads the CRL as written
+    _log.warning("sandbox.broker_reload_unconfirmed", pid=pid, seconds=_RELOAD_CONFIRM_SECONDS)
 
 
 def _replace(owner: type, name: str, function: Callable[..., Any]) -> Callable[..., Any]:

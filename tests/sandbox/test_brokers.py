@@ -31,10 +31,13 @@ from sandbox.brokers import (
     DeviceBroker,
     IotBroker,
     client_tls_context,
+    log_shows_reload,
+    log_size,
     mosquitto_password_hash,
     write_client_certificate,
 )
 from sandbox.errors import BrokerStartError, SandboxUsageError
+from sandbox.moto_fidelity import _confirm_reload
 from sandbox.pki import SandboxPki, write_atomic
 from tests.sandbox.conftest import handshake_refused
 
@@ -404,6 +407,48 @@ async def test_external_sighup_through_the_pid_file_reloads_the_crl(
         async with asyncio.timeout(3.0):
             while broker.log_file.read_bytes().count(b"Reloading config.") == reloads:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # another process's signal: its log is all we can watch
+        assert await handshake_refused(broker.address, tls12(broker, unique_thing))
+        sandbox_pki.write_crl([])
+
+
+async def test_reload_sends_sighup_again_when_mosquitto_lost_it(
+    tmp_path: Path, sandbox_pki: SandboxPki, unique_thing: ClientCertificate
+) -> None:
+    # mosquitto clears its reload flag when a reload ends, so a SIGHUP landing during another
+    # process's reload is lost. Stand-in for that race: the broker's first SIGHUP goes nowhere.
+    async with IotBroker(tmp_path, pki=sandbox_pki) as broker:
+        child = broker._child
+        assert child is not None
+        real_send_signal = child.send_signal
+        dropped: list[int] = []
+
+        def lose_the_first_sighup(signum: int) -> None:
+            if signum == signal.SIGHUP and not dropped:
+                dropped.append(signum)
+                return
+            real_send_signal(signum)
+
+        child.send_signal = lose_the_first_sighup  # type: ignore[method-assign]
+        reloads = broker.log_file.read_bytes().count(b"Reloading config.")
+        await broker.reload_crl([unique_thing.serial])
+        assert dropped == [signal.SIGHUP]
+        assert broker.log_file.read_bytes().count(b"Reloading config.") > reloads
+        assert await handshake_refused(broker.address, tls12(broker, unique_thing))
+        sandbox_pki.write_crl([])
+
+
+async def test_fidelity_layer_signals_until_the_reload_shows_in_the_log(
+    tmp_path: Path, sandbox_pki: SandboxPki, unique_thing: ClientCertificate
+) -> None:
+    # The moto fidelity layer's watcher, given a signal that was lost (none sent at all here):
+    # it signals on its own until a reload past the offset is in the log.
+    async with IotBroker(tmp_path, pki=sandbox_pki) as broker:
+        assert broker.pid is not None
+        sandbox_pki.write_crl([unique_thing.serial])
+        offset = log_size(broker.log_file)
+        assert not log_shows_reload(broker.log_file, offset)
+        await asyncio.to_thread(_confirm_reload, broker.pid, broker.log_file, offset)
+        assert log_shows_reload(broker.log_file, offset)
         assert await handshake_refused(broker.address, tls12(broker, unique_thing))
         sandbox_pki.write_crl([])
 
