@@ -823,7 +823,7 @@ async def test_a_hung_handler_is_cancelled_after_the_drain_timeout_and_its_lease
         async with asyncio.timeout(10):
             await entered.wait()
         leaving = time.monotonic()
-    assert 0.5 <= time.monotonic() - leaving < 2.0
+    assert 0.5 <= time.monotonic() - leaving < 5.0  # the drain timeout ends it, not the hang
     (row,) = store.rows.values()
     assert row.owner is None  # released: another worker may start at once
     assert row.checkpoint is None  # nothing was handled, so nothing was checkpointed

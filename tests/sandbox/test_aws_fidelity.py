@@ -263,7 +263,7 @@ async def test_missing_operation_fails_fast_without_retries(aws: MotoSandbox) ->
             await client.describe_account_settings()
     assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] >= 500
     assert error.value.response["ResponseMetadata"]["RetryAttempts"] == 0
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # no hang; RetryAttempts above is the real check
 
 
 # --------------------------------------------------------------------------------------------
