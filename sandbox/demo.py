@@ -9,13 +9,12 @@ Theory of operation
     DIR/gw-<serial>/    per gateway: ``ztp.toml``, the password file, the state directory and
                         ``daemon.log`` of one ``ztp-daemon run`` process
 
-Each gateway's outbox (``state/outbox.sqlite3``) is seeded with a few readings before its daemon
-starts, as a gateway program would have queued them while the gateway was not yet provisioned:
-the daemon publishes them to the IoT broker once it holds a certificate, which shows the durable
-outbox and the publisher working end to end. Once a gateway is provisioned, a tiny producer in
-the demo hands it one more reading, live, through its ingestion socket (``state/ingest.sock``),
-as any program on the gateway would. Its heartbeat (``dt/<serial>/health``) is counted among
-the messages, not among the readings.
+As soon as a gateway's daemon starts, a tiny producer in the demo hands it a few readings through
+its ingestion socket (``state/ingest.sock``), as any program on the gateway would, long before the
+gateway has a certificate: they wait in its durable outbox (``state/outbox.sqlite3``, through a
+SIGKILL too, with ``--crash``) and the daemon publishes them to the IoT broker once it holds a
+certificate. Once a gateway is provisioned, the producer hands it one more reading, live. Its
+heartbeat (``dt/<serial>/health``) is counted among the messages, not among the readings.
 
 While the fleet provisions, a progress tick (every ``tick`` seconds) reads each gateway's state
 file (what ``ztp-daemon status --json`` prints, through the same function), the fragments the
@@ -108,7 +107,7 @@ class DemoOptions:
 
     Attributes:
         devices: how many gateways (each its own ``ztp-daemon`` process).
-        messages: readings queued in each gateway's outbox before it starts.
+        messages: readings each gateway gets through its ingestion socket at start-up.
         timeout: seconds from the first gateway's start until the run gives up.
         directory: the working directory; a new one under /tmp when None.
         keep: keep the working directory after a run that succeeded (a failed run's is always
@@ -160,8 +159,9 @@ class GatewayProgress:
         provisioned_after: seconds from its process start to its ``provisioned`` record.
         exit_code: its daemon's exit status, once it has exited.
         restarts: how many times the demo SIGKILLed and restarted its daemon.
-        live: how the live reading went: None before it was sent, ``"ok"`` once the ingestion
-            socket accepted it, else why not.
+        live: how handing readings in went: None before the live one was sent, ``"ok"`` once
+            the ingestion socket accepted it, else why not (``"at boot, ..."`` when the readings
+            handed in at start-up were not accepted).
     """
 
     serial: str
@@ -311,7 +311,7 @@ def failures_of(
                 details.append(f"last error: {gateway.last_error}")
             reason += f" ({', '.join(details)})"
         elif gateway.live is not None and gateway.live != _LIVE_OK:
-            reason = f"provisioned, but its live reading failed: {gateway.live}"
+            reason = f"provisioned, but handing in a reading failed: {gateway.live}"
         elif gateway.readings < messages:
             reason = f"provisioned, but {gateway.readings}/{messages} readings reached IoT"
             if gateway.exit_code is not None:
@@ -695,27 +695,11 @@ level = "info"
 """
 
 
-async def _seed_outbox(gateway: _Gateway, messages: int) -> None:
-    """Queue ``messages`` readings in the gateway's outbox, as a local program would have."""
-    from ztp_daemon.outbox import Outbox  # noqa: PLC0415 - the device side, only for the demo
-    from ztp_daemon.state import ensure_private_directory  # noqa: PLC0415
-
-    await asyncio.to_thread(ensure_private_directory, gateway.state_dir)
-    if not messages:
-        return
-    topic = f"dt/{gateway.serial}/{_TELEMETRY}"
-    async with Outbox(gateway.state_dir / "outbox.sqlite3") as outbox:
-        for index in range(messages):
-            payload = {"serial": gateway.serial, "reading": index + 1, "queued_at": time.time()}
-            await outbox.put(topic, json.dumps(payload).encode())
-
-
-async def _prepare_gateway(gateway: _Gateway, sandbox: Sandbox, messages: int) -> None:
-    """Write the gateway's configuration and password file, and seed its outbox."""
+async def _prepare_gateway(gateway: _Gateway, sandbox: Sandbox) -> None:
+    """Write the gateway's configuration and password file."""
     gateway.directory.mkdir(parents=True, exist_ok=True)
     _write_private(gateway.directory / "airvantage-password", gateway.credentials.password + "\n")
     gateway.config_file.write_text(_gateway_config(gateway, sandbox))
-    await _seed_outbox(gateway, messages)
 
 
 async def _spawn_gateway(gateway: _Gateway) -> None:
@@ -740,40 +724,62 @@ async def _spawn_gateway(gateway: _Gateway) -> None:
         gateway.child.started = first.started
 
 
-async def _send_live(gateway: _Gateway, reading: int) -> str:
-    """Hand one reading to the gateway's ingestion socket, as a program on the gateway would.
+async def _exchange(path: Path, lines: bytes, count: int) -> list[Any]:
+    """Write ``lines`` to the socket at ``path`` and read ``count`` JSON replies."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(lines)
+        await writer.drain()
+        return [json.loads(await reader.readline()) for _ in range(count)]
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _hand_in(
+    gateway: _Gateway, readings: Sequence[int], *, live: bool, wait: float | None = _INGEST_WAIT
+) -> str:
+    """Hand readings to the gateway's ingestion socket, as a program on the gateway would.
+
+    Args:
+        gateway: whose socket.
+        readings: the reading numbers to hand in, one line each.
+        live: marks the readings handed in once provisioned.
+        wait: how long to keep trying (the socket opens a moment after the daemon starts);
+            None: until cancelled.
 
     Returns:
-        ``"ok"`` once the daemon accepted it (committed to its outbox), else why not.
+        ``"ok"`` once the daemon accepted every one (committed to its outbox), else why not.
     """
     path = gateway.state_dir / "ingest.sock"
-    payload = {"serial": gateway.serial, "reading": reading, "live": True}
-    line = json.dumps({"topic": f"dt/{gateway.serial}/{_TELEMETRY}", "payload": payload})
+    topic = f"dt/{gateway.serial}/{_TELEMETRY}"
+    lines = b"".join(
+        json.dumps(
+            {"topic": topic, "payload": {"serial": gateway.serial, "reading": r, "live": live}}
+        ).encode()
+        + b"\n"
+        for r in readings
+    )
+    last_error: Exception | None = None
     try:
-        async with asyncio.timeout(_INGEST_WAIT):
+        async with asyncio.timeout(wait):
             while True:
                 try:
-                    reader, writer = await asyncio.open_unix_connection(str(path))
+                    replies = await _exchange(path, lines, len(readings))
                     break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    # The socket opens with the publisher, just after the certificate is stored.
+                except (OSError, ValueError) as exc:
+                    # Not open yet (the daemon opens it a moment after it starts), or the daemon
+                    # went away mid-exchange (a --crash restart): unanswered lines go again.
+                    last_error = exc
                     await asyncio.sleep(0.05)
-            try:
-                writer.write(line.encode() + b"\n")
-                await writer.drain()
-                reply = json.loads(await reader.readline())
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
     except TimeoutError:
-        return f"no answer on {path} within {_INGEST_WAIT:g} s"
-    except (OSError, ValueError) as exc:
-        return f"ingestion socket {path}: {exc}"
-    if isinstance(reply, dict) and reply.get("ok") is True:
-        return _LIVE_OK
-    error = reply.get("error") if isinstance(reply, dict) else reply
-    return f"refused by the ingestion socket: {error}"
+        return f"no answer on {path} within {wait:g} s (last error: {last_error})"
+    for reply in replies:
+        if not (isinstance(reply, dict) and reply.get("ok") is True):
+            error = reply.get("error") if isinstance(reply, dict) else reply
+            return f"refused by the ingestion socket: {error}"
+    return _LIVE_OK
 
 
 # --------------------------------------------------------------------------------------------
@@ -1037,12 +1043,15 @@ class _Fleet:
         async with asyncio.TaskGroup() as group:
             for gateway in self.gateways:
                 group.create_task(
-                    _prepare_gateway(gateway, self._sandbox, self._options.messages),
+                    _prepare_gateway(gateway, self._sandbox),
                     name=f"demo.prepare.{gateway.serial}",
                 )
         self.began = time.monotonic()
         for gateway in self.gateways:
             await _spawn_gateway(gateway)
+            self._feeds[f"{gateway.serial}/boot"] = asyncio.create_task(
+                self._feed_boot(gateway), name=f"demo.boot.{gateway.serial}"
+            )
 
     async def snapshot(self) -> list[GatewayProgress]:
         return await _snapshot(self.gateways, self._sandbox, self._observer)
@@ -1069,8 +1078,21 @@ class _Fleet:
                     self._feed_one(gateway), name=f"demo.live.{gateway.serial}"
                 )
 
+    async def _feed_boot(self, gateway: _Gateway) -> None:
+        # Handed in at boot, before the gateway has a certificate: they wait in its outbox.
+        readings = range(1, self._options.messages + 1)
+        if not readings:
+            return
+        # A fleet on two cores may take a while to boot: try until the run ends (it cancels).
+        outcome = await _hand_in(gateway, readings, live=False, wait=None)
+        _log.info("demo.boot_readings", gateway=gateway.serial, outcome=outcome)
+        if outcome != _LIVE_OK:
+            gateway.live = f"at boot, {outcome}"
+
     async def _feed_one(self, gateway: _Gateway) -> None:
-        gateway.live = await _send_live(gateway, self._options.messages + 1)
+        outcome = await _hand_in(gateway, [self._options.messages + 1], live=True)
+        if gateway.live is None:  # a failure at boot stays the one reported
+            gateway.live = outcome
         _log.info("demo.live_reading", gateway=gateway.serial, outcome=gateway.live)
 
     async def watch(self) -> str | None:
@@ -1227,7 +1249,7 @@ def demo_main(
         timeout: seconds before the run gives up.
         directory: the working directory (kept), or None for a temporary one (removed when
             every gateway succeeded).
-        messages: readings queued in each gateway's outbox.
+        messages: readings each gateway gets through its ingestion socket at start-up.
         crash: gateways to SIGKILL once mid-provisioning and start again.
         out: where the progress and the summary go.
         err: where errors go.

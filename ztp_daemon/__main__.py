@@ -48,7 +48,7 @@ from ztp_daemon.config import (
 from ztp_daemon.errors import StorageError
 from ztp_daemon.keystore import FileKeyStore
 from ztp_daemon.sdnotify import Notifier
-from ztp_daemon.state import DEFAULT_STATE_DIRECTORY, StateFile
+from ztp_daemon.state import DEFAULT_STATE_DIRECTORY, StateFile, ensure_private_directory
 from ztp_daemon.supervisor import BUNDLE_DIRECTORY, PublisherFactory, serve
 
 __all__ = ["main", "status_report"]
@@ -134,11 +134,20 @@ def _config_path(given: Path | None, env: Mapping[str, str]) -> Path | None:
 # --- run ---------------------------------------------------------------------------------------
 
 
-def _publisher_factory(config: DeviceConfig, serial: str) -> PublisherFactory | None:
-    """The IoT publisher (#5) on the committed bundle, with the outbox in the state directory."""
+@contextlib.asynccontextmanager
+async def _local_services(
+    config: DeviceConfig, serial: str
+) -> AsyncIterator[PublisherFactory | None]:
+    """The outbox and the ingestion socket, open from start-up; yields the publisher to start.
+
+    Gateway programs may hand messages in while the gateway still waits for its certificate:
+    they wait in the durable outbox, and the IoT publisher (#5) sends them once provisioned.
+    Yields ``None`` when the publisher is disabled (provisioning only: no outbox, no socket).
+    """
     if not config.publisher.enabled:
-        return None
-    # Imported here: the publisher and its SQLite outbox are needed only once provisioned.
+        yield None
+        return
+    # Imported here: a provisioning-only daemon never loads SQLite or the MQTT publisher.
     from ztp_daemon.heartbeat import Heartbeat  # noqa: PLC0415
     from ztp_daemon.ingest import IngestConfig, IngestServer  # noqa: PLC0415
     from ztp_daemon.outbox import Outbox  # noqa: PLC0415
@@ -154,31 +163,33 @@ def _publisher_factory(config: DeviceConfig, serial: str) -> PublisherFactory | 
         ca_file=section.ca_file,
     )
     ingest_socket = section.ingest_socket or state_dir / "ingest.sock"
-    ingest_config = IngestConfig.for_thing(ingest_socket, thing)
+    await asyncio.to_thread(ensure_private_directory, state_dir)
+    async with (
+        Outbox(state_dir / "outbox.sqlite3") as outbox,
+        IngestServer(config=IngestConfig.for_thing(ingest_socket, thing), outbox=outbox),
+    ):
 
-    @contextlib.asynccontextmanager
-    async def open_publisher(bundle: Bundle) -> AsyncIterator[object]:
-        del bundle  # the publisher follows the bundle store itself, new versions included
-        credentials = BundleCredentials(BundleStore(state_dir / BUNDLE_DIRECTORY))
-        async with contextlib.AsyncExitStack() as stack:
-            outbox = await stack.enter_async_context(Outbox(state_dir / "outbox.sqlite3"))
-            publisher = await stack.enter_async_context(
-                Publisher(config=publisher_config, outbox=outbox, credentials=credentials)
-            )
-            await stack.enter_async_context(IngestServer(config=ingest_config, outbox=outbox))
-            if section.heartbeat_interval > 0:
-                await stack.enter_async_context(
-                    Heartbeat(
-                        outbox=outbox,
-                        topic=f"dt/{thing}/health",
-                        interval=section.heartbeat_interval,
-                        credentials=credentials,
-                        publisher=publisher,
-                    )
+        @contextlib.asynccontextmanager
+        async def open_publisher(bundle: Bundle) -> AsyncIterator[object]:
+            del bundle  # the publisher follows the bundle store itself, new versions included
+            credentials = BundleCredentials(BundleStore(state_dir / BUNDLE_DIRECTORY))
+            async with contextlib.AsyncExitStack() as stack:
+                publisher = await stack.enter_async_context(
+                    Publisher(config=publisher_config, outbox=outbox, credentials=credentials)
                 )
-            yield publisher
+                if section.heartbeat_interval > 0:
+                    await stack.enter_async_context(
+                        Heartbeat(
+                            outbox=outbox,
+                            topic=f"dt/{thing}/health",
+                            interval=section.heartbeat_interval,
+                            credentials=credentials,
+                            publisher=publisher,
+                        )
+                    )
+                yield publisher
 
-    return open_publisher
+        yield open_publisher
 
 
 async def _run_daemon(config: DeviceConfig, notifier: Notifier) -> None:
@@ -188,13 +199,14 @@ async def _run_daemon(config: DeviceConfig, notifier: Notifier) -> None:
             await stop.wait()
 
         serial = await asyncio.to_thread(config.read_serial)
-        await serve(
-            config,
-            shutdown=shutdown,
-            publisher_factory=_publisher_factory(config, serial),
-            notifier=notifier,
-            serial=serial,
-        )
+        async with _local_services(config, serial) as publisher_factory:
+            await serve(
+                config,
+                shutdown=shutdown,
+                publisher_factory=publisher_factory,
+                notifier=notifier,
+                serial=serial,
+            )
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:

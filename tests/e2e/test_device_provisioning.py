@@ -191,34 +191,41 @@ async def test_fresh_gateway_is_provisioned_from_shuffled_duplicated_fragments(
     assert public_key_of_csr(request) == public_key_of_pem(key_pem)
     assert mode(directory) == 0o700
     assert mode(directory / "pending.key") == 0o600
-
-    issued = cloud.issue(request)
-    items = list(cloud.params(request, issued).items())
-    assert len(items) > 3
-    random.Random(4).shuffle(items)
-    # The emulator holds every fragment task, then publishes them reversed, each one twice.
-    await cloud.set_faults(reorder_tasks=len(items), duplicate_tasks=len(items))
-    operations = [await cloud.command({key: value}) for key, value in items]
-    acks = await cloud.acks(*operations)
-    assert [ack.status for ack in acks] == ["OK"] * len(items)
-    assert await cloud.wait_status(1) == Provisioned(request.request_id, issued.certificate_id)
-    await daemon.wait_state("provisioned")
-
-    bundles = directory / "bundles"
-    assert sorted(p.name for p in bundles.iterdir()) == ["current", "v000001"]
-    version = bundles / "v000001"
-    assert mode(version) == 0o700
-    assert mode(version / "key.pem") == 0o600
-    assert (version / "key.pem").read_bytes() == key_pem
-    assert (version / "certificate.pem").read_text() == issued.certificate_pem
-    assert not (directory / "pending.key").exists()
-
-    # The publisher took over with the delivered certificate: mutual TLS to the IoT broker.
-    await daemon.wait_line(lambda line: "event=publisher.connected" in line)
-    # A gateway program's line on the ingestion socket reaches the IoT broker; a line outside
-    # the thing's own prefix is refused on the socket.
+    # Ingestion is open before the certificate arrives: the line waits in the outbox, and the
+    # observer, subscribed before the publisher can connect, sees it once provisioned.
     async with observer:
         await observer.subscribe(f"dt/{serial}/#", qos=1)
+        [early] = await ingest(
+            directory / "ingest.sock",
+            {"topic": f"dt/{serial}/boot", "payload": {"up": 1}, "qos": 1},
+        )
+        assert early["ok"] is True
+
+        issued = cloud.issue(request)
+        items = list(cloud.params(request, issued).items())
+        assert len(items) > 3
+        random.Random(4).shuffle(items)
+        # The emulator holds every fragment task, then publishes them reversed, each one twice.
+        await cloud.set_faults(reorder_tasks=len(items), duplicate_tasks=len(items))
+        operations = [await cloud.command({key: value}) for key, value in items]
+        acks = await cloud.acks(*operations)
+        assert [ack.status for ack in acks] == ["OK"] * len(items)
+        assert await cloud.wait_status(1) == Provisioned(request.request_id, issued.certificate_id)
+        await daemon.wait_state("provisioned")
+
+        bundles = directory / "bundles"
+        assert sorted(p.name for p in bundles.iterdir()) == ["current", "v000001"]
+        version = bundles / "v000001"
+        assert mode(version) == 0o700
+        assert mode(version / "key.pem") == 0o600
+        assert (version / "key.pem").read_bytes() == key_pem
+        assert (version / "certificate.pem").read_text() == issued.certificate_pem
+        assert not (directory / "pending.key").exists()
+
+        # The publisher took over with the delivered certificate: mutual TLS to the IoT broker.
+        await daemon.wait_line(lambda line: "event=publisher.connected" in line)
+        # A gateway program's line on the ingestion socket reaches the IoT broker; a line outside
+        # the thing's own prefix is refused on the socket.
         replies = await ingest(
             directory / "ingest.sock",
             {"topic": f"dt/{serial}/sensors", "payload": {"t": 21.5}, "qos": 1},
@@ -230,9 +237,10 @@ async def test_fresh_gateway_is_provisioned_from_shuffled_duplicated_fragments(
         async with asyncio.timeout(10):
             async for message in observer.messages:
                 received[str(message.topic)] = bytes(message.payload)  # type: ignore[arg-type]
-                if f"dt/{serial}/sensors" in received:
+                if {f"dt/{serial}/sensors", f"dt/{serial}/boot"} <= received.keys():
                     break
         assert json.loads(received[f"dt/{serial}/sensors"]) == {"t": 21.5}
+        assert json.loads(received[f"dt/{serial}/boot"]) == {"up": 1}
 
     report = await asyncio.to_thread(status_json, daemon.config)
     assert report["state"] == "provisioned"

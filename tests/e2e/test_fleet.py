@@ -103,7 +103,7 @@ def test_failures_name_each_gateway_and_why() -> None:
     assert reasons["GW2"].endswith("at the timeout of 60 s")
     assert reasons["GW3"].startswith("ztp-daemon exited with status 1 in state key_ready")
     assert reasons["GW4"].startswith("provisioned, but 1/3 readings reached IoT")
-    assert reasons["GW5"].startswith("provisioned, but its live reading failed: refused")
+    assert reasons["GW5"].startswith("provisioned, but handing in a reading failed: refused")
 
 
 def test_summary_counts_duplicates_and_latencies(tmp_path: Path) -> None:
