@@ -1,7 +1,9 @@
 """Cloud daemon CPU per provisioned gateway vs a plain aiobotocore loop making the same IoT calls.
 
 Run as part of ``python -m bench`` (the daemon's side is measured by :mod:`bench.fleet`, over
-its burst), or ``python -m bench.cloud_cpu [--quick] [--json]`` for the baseline alone.
+its burst), ``python -m bench.cloud_cpu [--quick] [--json]`` for the baseline alone, or
+``python -m bench.cloud_cpu --fleet N`` for the figure itself: a burst of N gateways through a
+real ``ztp-cloud`` and the baseline over N gateways, in one sandbox, one after the other.
 
 The baseline: a child process (``python -m bench.cloud_cpu bare ...``) with one aiobotocore IoT
 client against the same sandbox, doing for each of ``count`` CSRs, one after another, the four
@@ -338,6 +340,22 @@ async def profile_cloud(work: Path, *, devices: int, log: Callable[[str], None])
     return summary
 
 
+async def _with_fleet(devices: int, *, log: Callable[[str], None]) -> dict[str, Any]:
+    """The figure from one run: a fleet burst of ``devices``, then the baseline over as many."""
+    with tempfile.TemporaryDirectory(prefix="ztp-bench-cpu-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        async with bench_sandbox(work / "sandbox") as sandbox:
+            async with (
+                CloudDaemon(sandbox, work / "cloud") as cloud,
+                DeviceFleet(sandbox, work / "devices") as fleet,
+            ):
+                burst = await run_fleet(sandbox, cloud, fleet, devices=devices, log=log)
+            bare = await run_bare(sandbox, work / "bare", count=devices, log=log)
+    ratio = burst.cloud_cpu_ms_per_device / bare.cpu_ms_per_device
+    log(f"cloud CPU per gateway / bare calls: {ratio:.3f} (goal <= {GOAL})")
+    return burst.to_json() | bare.to_json() | {"cloud_cpu_vs_bare_calls": round(ratio, 3)}
+
+
 async def _standalone(*, quick: bool, log: Callable[[str], None]) -> BareResult:
     with tempfile.TemporaryDirectory(prefix="ztp-bench-cpu-", dir="/tmp") as tmp:
         work = Path(tmp)
@@ -388,6 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="profile ztp-cloud over N gateways"
     )
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the ratio itself: ztp-cloud over a burst of N gateways, then the baseline",
+    )
     options = parser.parse_args(arguments)
     quiet_logs()
     started = time.monotonic()
@@ -399,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ztp-bench-prof-", dir="/tmp") as tmp:
             profile = asyncio.run(profile_cloud(Path(tmp), devices=options.profile, log=log))
         print(json.dumps(profile, indent=None if options.json else 2))
+        return 0
+    if options.fleet:
+        figures = asyncio.run(_with_fleet(options.fleet, log=log))
+        print(json.dumps(figures, indent=None if options.json else 2))
         return 0
     result = asyncio.run(_standalone(quick=options.quick, log=log))
     print(json.dumps(result.to_json(), indent=None if options.json else 2))

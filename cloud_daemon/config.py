@@ -257,7 +257,10 @@ class AirVantageSection:
         password: the user's password (or ``password_file``).
         company: the tenant uid, if any.
         request_timeout: seconds for one HTTP exchange.
-        poll_interval: first seconds between operation polls (doubling while pending).
+        poll_interval: first seconds before a failed operation send is tried again (doubling).
+        first_poll: seconds before an operation is first polled (doubling while pending): the
+            device's status, read from the stream, normally settles the delivery before; a
+            minute covers the backlog of a thousand gateways at IoT's quota.
         operation_timeout: seconds a delivery may stay pending before it is sent again.
         delivery_attempts: operations created for one delivery before giving up.
     """
@@ -270,6 +273,7 @@ class AirVantageSection:
     company: str | None = None
     request_timeout: float = field(default=15.0, metadata=_POSITIVE)
     poll_interval: float = field(default=2.0, metadata=_POSITIVE)
+    first_poll: float = field(default=60.0, metadata=_POSITIVE)
     operation_timeout: float = field(default=600.0, metadata=_POSITIVE)
     delivery_attempts: int = field(default=3, metadata={"min": 1, "max": 100})
 

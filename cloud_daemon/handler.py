@@ -40,8 +40,13 @@ idempotent, so a retried or redelivered record never mints a second certificate 
 after the failed one that had succeeded is done again: its certificate is re-sent).
 
 :class:`DeliveryTracker` is the pure core of the follow-up (time passed in): each delivery is
-keyed by (serial, request id) and holds its current operation. Polls back off from
-``poll_interval`` doubling to ``poll_cap``; an operation whose counters say FAILURE, or that
+keyed by (serial, request id) and holds its current operation. Polling is the fallback: the
+device's ``provisioned`` status (and the connector's ``event.operation.state.change``, when it
+is configured) normally ends the follow-up first, so an operation is polled only ``first_poll``
+seconds after it was created (the answer may be waiting behind a burst of requests in the
+shard: a minute covers a thousand gateways at IoT's quota), then again after twice that wait,
+doubling up to ``poll_cap``; a failed send is retried after ``poll_interval``, doubling. An
+operation whose counters say FAILURE, or that
 stays pending past ``operation_timeout``, is sent again as a new operation (same fragments, same
 transfer id: the device takes a second copy for the duplicate it is) until ``attempts``
 operations were created, then given up and logged. A confirmation from the device ends the
@@ -252,8 +257,11 @@ class DeliveryTracker:
     Args:
         attempts: operations created for one delivery before giving up (>= 1).
         operation_timeout: seconds one operation may stay pending before it is sent again.
-        poll_interval: the first wait before polling an operation.
-        poll_cap: the longest wait between two polls.
+        poll_interval: the first wait before sending again after a failed send (doubling), and
+            before the first poll when ``first_poll`` is not given.
+        poll_cap: the longest wait between two polls or sends.
+        first_poll: the wait before the first poll of an operation (doubling while pending):
+            long enough for the device's status, read from the stream, to settle it first.
         capacity: the most deliveries followed at once; the oldest is dropped beyond it.
 
     Raises:
@@ -268,14 +276,18 @@ class DeliveryTracker:
         poll_interval: float,
         poll_cap: float = 60.0,
         capacity: int = 100_000,
+        first_poll: float | None = None,
     ) -> None:
         if attempts < 1 or capacity < 1:
             raise UsageError("attempts and capacity must be >= 1")
         if not (operation_timeout > 0 and poll_interval > 0 and poll_cap >= poll_interval):
             raise UsageError("operation_timeout, poll_interval must be > 0, poll_cap >= interval")
+        if first_poll is not None and not first_poll > 0:
+            raise UsageError("first_poll must be > 0")
         self._attempts = attempts
         self._timeout = operation_timeout
         self._interval = poll_interval
+        self._first = poll_interval if first_poll is None else first_poll
         self._cap = poll_cap
         self._capacity = capacity
         self._by_key: dict[tuple[str, str], _Tracked] = {}
@@ -297,9 +309,8 @@ class DeliveryTracker:
         if old is not None and old.operation_uid is not None:
             self._by_operation.pop(old.operation_uid, None)
         self._by_key[delivery.key] = _Tracked(
-            delivery, operation_uid, attempt, _Phase.WAITING, now, now + self._interval,
-            self._interval,
-        )  # fmt: skip
+            delivery, operation_uid, attempt, _Phase.WAITING, now, now + self._first, self._first
+        )
         self._by_operation[operation_uid] = delivery.key
         while len(self._by_key) > self._capacity:
             oldest = next(iter(self._by_key))

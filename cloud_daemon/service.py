@@ -320,6 +320,7 @@ async def serve(
                 attempts=config.airvantage.delivery_attempts,
                 operation_timeout=config.airvantage.operation_timeout,
                 poll_interval=config.airvantage.poll_interval,
+                first_poll=config.airvantage.first_poll,
             ),
             client=client,
             metrics=metrics,

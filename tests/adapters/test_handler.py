@@ -106,6 +106,32 @@ def test_pending_polls_back_off_to_the_cap() -> None:
     assert gaps == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
 
 
+def test_the_first_poll_waits_first_poll_then_backs_off() -> None:
+    t = tracker(first_poll=30.0, poll_cap=60.0)
+    t.sent(delivery(), operation_uid="op1", attempt=1, now=0.0)
+    assert t.next_due() == 30.0
+    assert t.due(29.9) == ()
+    assert t.due(30.0) == (Poll(delivery(), "op1"),)
+    assert t.observe("op1", OperationOutcome.PENDING, now=30.0) is None
+    assert t.next_due() == 90.0  # doubled, up to the cap
+
+
+def test_a_status_before_the_first_poll_means_no_poll_at_all() -> None:
+    t = tracker(first_poll=30.0, poll_cap=60.0)
+    for index in range(3):
+        t.sent(delivery(request_id=f"r{index}"), operation_uid=f"op{index}", attempt=1, now=0.0)
+    assert t.settle("SN1", "r0")  # the device's status, read from the stream
+    assert t.observe("op1", OperationOutcome.SUCCESS, now=1.0) is not None  # a connector event
+    assert t.due(30.0) == (Poll(delivery(request_id="r2"), "op2"),)  # the one heard nothing of
+    assert t.due(1000.0) == (Poll(delivery(request_id="r2"), "op2"),)
+
+
+def test_a_failed_send_is_retried_after_poll_interval_not_first_poll() -> None:
+    t = tracker(first_poll=30.0, poll_cap=60.0)
+    t.send_failed(delivery(), attempt=1, now=0.0)
+    assert t.due(1.0) == (Resend(delivery(), 1),)
+
+
 def test_failure_resends_then_gives_up() -> None:
     t = tracker(attempts=2)
     t.sent(delivery(), operation_uid="op1", attempt=1, now=0.0)
@@ -149,7 +175,13 @@ def test_capacity_drops_the_oldest() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"attempts": 0}, {"operation_timeout": 0.0}, {"poll_interval": 0.0}, {"poll_cap": 0.5}],
+    [
+        {"attempts": 0},
+        {"operation_timeout": 0.0},
+        {"poll_interval": 0.0},
+        {"poll_cap": 0.5},
+        {"first_poll": 0.0},
+    ],
 )
 def test_tracker_bounds(overrides: dict[str, Any]) -> None:
     with pytest.raises(UsageError):

@@ -100,6 +100,7 @@ def test_the_environment_alone_configures_the_service(tmp_path: Path) -> None:
         ({"ZTP_CLOUD_KINESIS_START": "AT_TIMESTAMP"}, "kinesis.start_timestamp"),
         ({"ZTP_CLOUD_KINESIS_POLL_INTERVAL": "0.1"}, "ZTP_CLOUD_KINESIS_POLL_INTERVAL"),
         ({"ZTP_CLOUD_HTTP_PORT": "70000"}, "ZTP_CLOUD_HTTP_PORT"),
+        ({"ZTP_CLOUD_AIRVANTAGE_FIRST_POLL": "0"}, "ZTP_CLOUD_AIRVANTAGE_FIRST_POLL"),
         ({"ZTP_CLOUD_IOT_TPS_MARGIN": "0.9"}, "ZTP_CLOUD_IOT_TPS_MARGIN"),
         ({"ZTP_CLOUD_KINESIS_DRAIN_TIMEOUT": "12", "ZTP_CLOUD_SHUTDOWN_TIMEOUT": "20"},
          "kinesis.drain_timeout"),
