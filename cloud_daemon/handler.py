@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -296,7 +297,7 @@ class DeliveryTracker:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def sent(self, delivery: Delivery, *, operation_uid: str, attempt: int, now: float) -> None:
+    def sent(self, delivery: Delivery, *, operation_uid: str, attempt: int, now: float) -> float:
         """An operation was created for ``delivery``: follow it.
 
         Args:
@@ -304,6 +305,9 @@ class DeliveryTracker:
             operation_uid: the operation created.
             attempt: 1 for the first send.
             now: the current time (monotonic seconds).
+
+        Returns:
+            When its first poll falls due.
         """
         old = self._by_key.pop(delivery.key, None)
         if old is not None and old.operation_uid is not None:
@@ -315,6 +319,7 @@ class DeliveryTracker:
         while len(self._by_key) > self._capacity:
             oldest = next(iter(self._by_key))
             self.settle(*oldest)
+        return now + self._first
 
     def send_failed(self, delivery: Delivery, *, attempt: int, now: float) -> None:
         """Creating an operation failed (AirVantage unreachable): try again later.
@@ -352,9 +357,9 @@ class DeliveryTracker:
         is simply due again later.
         """
         steps: list[TrackerStep] = []
-        for tracked in sorted(self._by_key.values(), key=lambda t: t.due):
-            if tracked.due > now:
-                break
+        # Only the few due ones are sorted: thousands may be followed during a burst.
+        ready = [t for t in self._by_key.values() if t.due <= now]
+        for tracked in sorted(ready, key=lambda t: t.due):
             tracked.due = now + tracked.delay
             if tracked.phase is _Phase.SENDING:
                 steps.append(Resend(tracked.delivery, tracked.attempt))
@@ -433,25 +438,31 @@ class DeliveryLoop:
         self._metrics = metrics
         self._clock = clock
         self._wake = asyncio.Event()
+        # When run() wakes next on its own: -inf while it works through due steps (it looks
+        # at the tracker again before it waits), +inf while nothing is followed. A change that
+        # brings nothing due sooner leaves it asleep: a burst sends and settles thousands.
+        self._deadline = -math.inf
 
     def sent(self, delivery: Delivery, *, operation_uid: str) -> None:
         """A first operation was created: follow it."""
-        self.tracker.sent(delivery, operation_uid=operation_uid, attempt=1, now=self._clock())
-        self._changed()
+        due = self.tracker.sent(delivery, operation_uid=operation_uid, attempt=1, now=self._clock())
+        self._metrics.tracked.set(len(self.tracker))
+        if due < self._deadline:
+            self._wake.set()
 
     def settle(self, serial: str, request_id: str) -> None:
         """The device answered: stop following its delivery."""
+        # Nothing falls due sooner: run() finds the delivery gone when it next wakes.
         self.tracker.settle(serial, request_id)
-        self._changed()
+        self._metrics.tracked.set(len(self.tracker))
 
     def observe(self, operation_uid: str, outcome: OperationOutcome) -> None:
         """An operation's state as the connector reported it."""
-        self._apply(self.tracker.observe(operation_uid, outcome, now=self._clock()))
-        self._changed()
-
-    def _changed(self) -> None:
+        result = self.tracker.observe(operation_uid, outcome, now=self._clock())
+        self._apply(result)
         self._metrics.tracked.set(len(self.tracker))
-        self._wake.set()
+        if isinstance(result, Resend):  # due now
+            self._wake.set()
 
     def _apply(self, result: DeliveryDone | DeliveryGivenUp | Resend | None) -> None:
         match result:
@@ -491,6 +502,7 @@ class DeliveryLoop:
                 await self._step(step)
             self._metrics.tracked.set(len(self.tracker))
             due = self.tracker.next_due()
+            self._deadline = math.inf if due is None else due
             wait = None if due is None else max(0.0, due - self._clock())
             self._wake.clear()
             try:
@@ -498,6 +510,7 @@ class DeliveryLoop:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            self._deadline = -math.inf
 
     async def _step(self, step: TrackerStep) -> None:
         match step:
