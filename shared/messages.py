@@ -73,6 +73,7 @@ __all__ = [
     "MAX_PARAM_CHARS",
     "MAX_REASON_CHARS",
     "MAX_REQUEST_ID_CHARS",
+    "RENEW_COMMAND",
     "REQUEST_PATH",
     "STATUS_PATH",
     "CertificateDelivery",
@@ -99,6 +100,9 @@ FORMAT_VERSION: Final = 1
 REQUEST_PATH: Final = "ztp.request"
 STATUS_PATH: Final = "ztp.status"
 DELIVER_COMMAND: Final = "ztp.deliver"
+RENEW_COMMAND: Final = "ztp.renew"
+"""The operator's command asking a provisioned gateway to renew its certificate now (no
+parameters): a new key and CSR, sent as a new :class:`CertificateRequest`."""
 
 MAX_PARAM_CHARS: Final = 255
 """Largest string value or command parameter AirVantage is sure to carry."""

@@ -23,6 +23,18 @@ leaves the machine exactly as it was::
     STORING --StorageFailed--> WAITING_RETRY;  MAKING_KEY/KEY_READY --StorageFailed--> FRESH
     resumed from a record: KEY_READY/WAITING_RETRY/PROVISIONED --Start--> carry on from there
 
+Renewal (rotation) runs the same steps in a parallel set of states while the bundle in use stays
+in use; the publisher keeps publishing on it until the new bundle is committed::
+
+    PROVISIONED --RenewalDue (timer) | RenewRequested (ztp.renew)--> RENEW_MAKING_KEY
+    RENEW_MAKING_KEY --KeyReady--> RENEW_KEY_READY --Persisted--> RENEW_SENT
+    RENEW_SENT --FragmentHeld--> RENEW_RECEIVING --CertificateVerified--> RENEW_STORING
+    RENEW_STORING --CredentialsStored--> PROVISIONED (the new bundle; ack, report, once durable)
+    RENEW_SENT/RENEW_RECEIVING --DeliveryFailed--> RENEW_WAITING --TimerFired--> RENEW_SENT
+    RENEW_MAKING_KEY/RENEW_KEY_READY --StorageFailed--> PROVISIONED (the old record, rearmed)
+    PROVISIONED --RenewalNotDue (timer, early)--> PROVISIONED (armed again)
+    resumed: RENEW_KEY_READY/RENEW_SENT/RENEW_WAITING --Start--> the same CSR, publisher first
+
 The driver's contract:
 
 1. ``Start`` comes first (``LinkUp``/``LinkDown`` may precede it); a second ``Start`` is illegal.
@@ -61,6 +73,26 @@ PROVISIONED reports again (a kill may have fallen between the record and the rep
 takes a repeat as the same news). Storing the same certificate twice (killed between storing and
 persisting) is idempotent in the bundle store.
 
+Renewal: the automatic trigger is the one timer, armed in PROVISIONED for the due time of the
+certificate in use: :func:`renewal_due`, ``at_fraction`` of its lifetime (``not_before`` to
+``not_after``) plus or minus ``jitter_fraction`` of it, drawn once from the injected rng when the
+certificate is stored and kept in the record (``renew_at``). The timer waits at most
+``check_interval`` (1 h): a wall clock that jumps (a gateway booting with a poor clock) is
+noticed within that time, so an early expiry is interpreted as :class:`RenewalNotDue` and the
+timer armed again, a due one as :class:`RenewalDue`. ``Start`` in PROVISIONED arms it too, with
+no wait when renewal is already due. The operator's ``ztp.renew`` command
+(:data:`RENEW_COMMAND`, no parameters) is interpreted as :class:`RenewRequested`: in PROVISIONED
+it starts a renewal, acked OK once the new key and CSR are durable (RENEW_KEY_READY); in a
+renewal state it is acked OK at once (one is under way); before the first provisioning it is
+refused. A renewal asks for a *fresh* key (``MakeKey(fresh=True)``: any pending key is dropped
+first, so the bundle's key is never reused), and keeps the bundle in use recorded in its
+records (``bundle_version``, ``certificate_id``, validity), so a daemon killed mid-renewal
+resumes with the same new key and CSR, and starts the publisher on the committed bundle at once
+(:class:`StartPublisher` comes first on resume). Retries, backoff and refusals behave as in
+first provisioning; a refused renewal never touches the bundle in use. A renewal whose key or
+first record cannot be stored goes back to PROVISIONED (the old record), acks the command ERROR,
+and tries again with backoff, no earlier than the due time.
+
 Retry timing: the first send waits ``delivery_timeout`` (60 s) for a delivery; each later wait is
 exponential backoff with full jitter, ``uniform(0, min(retry_cap, delivery_timeout * 2**(n-1)))``
 for the n-th send, with ``retry_cap`` 1 h. Randomness comes from an injected ``random.Random``.
@@ -88,6 +120,7 @@ from shared.errors import PeerError, UsageError
 from shared.fragments import Completed, Reassembler, ReassemblyLimits
 from shared.messages import (
     DELIVER_COMMAND,
+    RENEW_COMMAND,
     CertificateDelivery,
     Rejected,
     decode_delivery,
@@ -100,6 +133,8 @@ from ztp_daemon.verify import VerifyPolicy, verify_certificate
 __all__ = [
     "DELIVER_COMMAND",
     "PERSISTED_STATES",
+    "RENEWAL_STATES",
+    "RENEW_COMMAND",
     "TRANSITIONS",
     "AckTask",
     "Action",
@@ -123,6 +158,10 @@ __all__ = [
     "ProvisioningMachine",
     "PublishRequest",
     "Refusal",
+    "RenewRequested",
+    "RenewalDue",
+    "RenewalNotDue",
+    "RenewalPolicy",
     "ReportStatus",
     "ScheduleRetry",
     "SharedCodecDecoder",
@@ -136,6 +175,7 @@ __all__ = [
     "TaskRefused",
     "TaskRepeated",
     "TimerFired",
+    "renewal_due",
     "request_id_for",
 ]
 
@@ -165,12 +205,47 @@ class State(enum.Enum):
     STORING = "storing"
     PROVISIONED = "provisioned"
     WAITING_RETRY = "waiting_retry"
+    RENEW_MAKING_KEY = "renew_making_key"
+    RENEW_KEY_READY = "renew_key_ready"
+    RENEW_SENT = "renew_sent"
+    RENEW_RECEIVING = "renew_receiving"
+    RENEW_STORING = "renew_storing"
+    RENEW_WAITING = "renew_waiting"
 
 
 #: The states a :class:`StateRecord` may hold (the others are never written).
 PERSISTED_STATES = frozenset(
-    {State.KEY_READY, State.REQUEST_SENT, State.WAITING_RETRY, State.PROVISIONED}
+    {
+        State.KEY_READY,
+        State.REQUEST_SENT,
+        State.WAITING_RETRY,
+        State.PROVISIONED,
+        State.RENEW_KEY_READY,
+        State.RENEW_SENT,
+        State.RENEW_WAITING,
+    }
 )
+#: The states of a renewal: a bundle is in use while a new certificate is asked for.
+RENEWAL_STATES = frozenset(
+    {
+        State.RENEW_MAKING_KEY,
+        State.RENEW_KEY_READY,
+        State.RENEW_SENT,
+        State.RENEW_RECEIVING,
+        State.RENEW_STORING,
+        State.RENEW_WAITING,
+    }
+)
+# Each renewal state does what its first-provisioning counterpart does, with a bundle in use.
+_PHASE: Mapping[State, State] = {
+    **{state: state for state in State},
+    State.RENEW_MAKING_KEY: State.MAKING_KEY,
+    State.RENEW_KEY_READY: State.KEY_READY,
+    State.RENEW_SENT: State.REQUEST_SENT,
+    State.RENEW_RECEIVING: State.RECEIVING,
+    State.RENEW_STORING: State.STORING,
+    State.RENEW_WAITING: State.WAITING_RETRY,
+}
 
 
 def request_id_for(csr_pem: str) -> str:
@@ -189,8 +264,15 @@ class StateRecord:
         attempts: how many times the request has been sent.
         next_retry_at: when to send again (epoch seconds), in WAITING_RETRY.
         last_error: the reason of the last failed delivery, if any.
-        bundle_version: the credential bundle version, once provisioned.
-        certificate_id: the stored certificate's id, once provisioned.
+        bundle_version: the credential bundle version in use, once provisioned (while renewing,
+            the bundle still in use).
+        certificate_id: the id of the certificate in use, once provisioned.
+        not_before: the start of that certificate's validity (epoch seconds).
+        not_after: the end of that certificate's validity (epoch seconds).
+        renew_at: when its automatic renewal is due (epoch seconds); ``None`` when off.
+
+    In the renewal states, ``request_id``, ``csr_pem``, ``attempts``, ``next_retry_at`` and
+    ``last_error`` are the renewal's; the other fields describe the bundle in use.
     """
 
     state: State
@@ -201,6 +283,9 @@ class StateRecord:
     last_error: str | None = None
     bundle_version: int | None = None
     certificate_id: str | None = None
+    not_before: float | None = None
+    not_after: float | None = None
+    renew_at: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, State) or self.state not in PERSISTED_STATES:
@@ -213,17 +298,83 @@ class StateRecord:
         if self.attempts < 0:
             msg = "attempts must not be negative"
             raise ValueError(msg)
-        if self.next_retry_at is not None and not math.isfinite(self.next_retry_at):
-            msg = "next_retry_at must be finite"
+        for name in ("next_retry_at", "not_before", "not_after", "renew_at"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                msg = f"{name} must be finite"
+                raise ValueError(msg)
+        if (self.not_before is None) != (self.not_after is None) or (
+            self.not_before is not None
+            and self.not_after is not None
+            and self.not_before > self.not_after
+        ):
+            msg = "not_before and not_after come together, not_before first"
             raise ValueError(msg)
-        if self.state is State.WAITING_RETRY and self.next_retry_at is None:
-            msg = "a WAITING_RETRY record needs next_retry_at"
+        if self.state in {State.WAITING_RETRY, State.RENEW_WAITING} and self.next_retry_at is None:
+            msg = f"a {self.state.name} record needs next_retry_at"
             raise ValueError(msg)
-        if self.state is State.PROVISIONED:
+        if self.state is State.PROVISIONED or self.state in RENEWAL_STATES:
             if self.bundle_version is None or self.bundle_version < 1:
-                msg = "a PROVISIONED record needs a bundle_version >= 1"
+                msg = f"a {self.state.name} record needs a bundle_version >= 1"
                 raise ValueError(msg)
             _check_id("certificate_id", self.certificate_id)
+
+    @property
+    def renewing(self) -> bool:
+        """Whether this record is of a renewal under way."""
+        return self.state in RENEWAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalPolicy:
+    """When a certificate in use is renewed automatically.
+
+    Attributes:
+        at_fraction: the fraction of the lifetime after which renewal is due (2/3, as step-ca).
+        jitter_fraction: plus or minus this fraction of the lifetime, drawn once per
+            certificate, so a fleet provisioned together does not renew together.
+        check_interval: the longest the timer waits before looking at the clock again, seconds.
+    """
+
+    at_fraction: float = 2 / 3
+    jitter_fraction: float = 0.05
+    check_interval: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.at_fraction < 1:
+            msg = "at_fraction must be in (0, 1)"
+            raise ValueError(msg)
+        if not 0 <= self.jitter_fraction < min(self.at_fraction, 1 - self.at_fraction):
+            msg = "jitter_fraction must be >= 0 and keep at_fraction +/- jitter inside (0, 1)"
+            raise ValueError(msg)
+        if not (math.isfinite(self.check_interval) and self.check_interval > 0):
+            msg = "check_interval must be finite and positive"
+            raise ValueError(msg)
+
+
+def renewal_due(
+    not_before: float, not_after: float, *, policy: RenewalPolicy, rand: float
+) -> float:
+    """When a certificate valid from ``not_before`` to ``not_after`` is due for renewal.
+
+    Args:
+        not_before: the start of its validity, epoch seconds.
+        not_after: the end of its validity, epoch seconds.
+        policy: the fraction of the lifetime and the jitter.
+        rand: a uniform draw in [0, 1) (``random.Random.random()``): 0 is the earliest time,
+            0.5 the fraction itself, 1 the latest.
+
+    Returns:
+        ``not_before + lifetime * (at_fraction +/- jitter_fraction)``, epoch seconds.
+
+    Raises:
+        UsageError: ``not_before`` after ``not_after``, or ``rand`` outside [0, 1].
+    """
+    if not not_before <= not_after or not 0 <= rand <= 1:
+        msg = "need not_before <= not_after and 0 <= rand <= 1"
+        raise UsageError(msg)
+    fraction = policy.at_fraction + (2 * rand - 1) * policy.jitter_fraction
+    return not_before + (not_after - not_before) * fraction
 
 
 # --- what the decoder produces -----------------------------------------------------------------
@@ -452,6 +603,23 @@ class TaskRepeated(Event):
     uid: str
 
 
+@dataclass(frozen=True, slots=True)
+class RenewRequested(Event):
+    """Outcome: an operator's ``ztp.renew`` command, once provisioned."""
+
+    uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalDue(Event):
+    """Outcome: the timer of PROVISIONED expired and the certificate is due for renewal."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalNotDue(Event):
+    """Outcome: the timer of PROVISIONED expired before the due time (it is armed again)."""
+
+
 # --- actions -----------------------------------------------------------------------------------
 
 
@@ -462,7 +630,14 @@ class Action:
 
 @dataclass(frozen=True, slots=True)
 class MakeKey(Action):
-    """Load the key, or make it if there is none; sign a CSR; answer :class:`KeyReady`."""
+    """Load the key, or make it if there is none; sign a CSR; answer :class:`KeyReady`.
+
+    Attributes:
+        fresh: drop any pending key first and make a new one (a renewal: the key of the bundle
+            in use must never be asked for again).
+    """
+
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +779,9 @@ TRANSITIONS: Mapping[State, Mapping[type[Event], State]] = {
         StorageFailed: _S.PROVISIONED,
         TaskRepeated: _S.PROVISIONED,
         TaskRefused: _S.PROVISIONED,
+        RenewalDue: _S.RENEW_MAKING_KEY,
+        RenewRequested: _S.RENEW_MAKING_KEY,
+        RenewalNotDue: _S.PROVISIONED,
         LinkUp: _S.PROVISIONED,
         LinkDown: _S.PROVISIONED,
     },
@@ -619,6 +797,60 @@ TRANSITIONS: Mapping[State, Mapping[type[Event], State]] = {
         LinkUp: _S.WAITING_RETRY,
         LinkDown: _S.WAITING_RETRY,
     },
+    _S.RENEW_MAKING_KEY: {
+        KeyReady: _S.RENEW_KEY_READY,
+        StorageFailed: _S.PROVISIONED,
+        LinkUp: _S.RENEW_MAKING_KEY,
+        LinkDown: _S.RENEW_MAKING_KEY,
+    },
+    _S.RENEW_KEY_READY: {
+        Start: _S.RENEW_SENT,
+        Persisted: _S.RENEW_SENT,
+        StorageFailed: _S.PROVISIONED,
+        LinkUp: _S.RENEW_KEY_READY,
+        LinkDown: _S.RENEW_KEY_READY,
+    },
+    _S.RENEW_SENT: {
+        TimerFired: _S.RENEW_SENT,
+        Persisted: _S.RENEW_SENT,
+        StorageFailed: _S.RENEW_SENT,
+        FragmentHeld: _S.RENEW_RECEIVING,
+        CertificateVerified: _S.RENEW_STORING,
+        DeliveryFailed: _S.RENEW_WAITING,
+        TaskRefused: _S.RENEW_SENT,
+        RenewRequested: _S.RENEW_SENT,
+        LinkUp: _S.RENEW_SENT,
+        LinkDown: _S.RENEW_SENT,
+    },
+    _S.RENEW_RECEIVING: {
+        TimerFired: _S.RENEW_SENT,
+        FragmentHeld: _S.RENEW_RECEIVING,
+        CertificateVerified: _S.RENEW_STORING,
+        DeliveryFailed: _S.RENEW_WAITING,
+        TaskRefused: _S.RENEW_RECEIVING,
+        RenewRequested: _S.RENEW_RECEIVING,
+        LinkUp: _S.RENEW_RECEIVING,
+        LinkDown: _S.RENEW_RECEIVING,
+    },
+    _S.RENEW_STORING: {
+        CredentialsStored: _S.PROVISIONED,
+        StorageFailed: _S.RENEW_WAITING,
+        LinkUp: _S.RENEW_STORING,
+        LinkDown: _S.RENEW_STORING,
+    },
+    _S.RENEW_WAITING: {
+        Start: _S.RENEW_WAITING,
+        TimerFired: _S.RENEW_SENT,
+        Persisted: _S.RENEW_WAITING,
+        StorageFailed: _S.RENEW_WAITING,
+        FragmentHeld: _S.RENEW_RECEIVING,
+        CertificateVerified: _S.RENEW_STORING,
+        DeliveryFailed: _S.RENEW_WAITING,
+        TaskRefused: _S.RENEW_WAITING,
+        RenewRequested: _S.RENEW_WAITING,
+        LinkUp: _S.RENEW_WAITING,
+        LinkDown: _S.RENEW_WAITING,
+    },
 }
 
 _OUTCOMES: tuple[type[Event], ...] = (
@@ -627,6 +859,9 @@ _OUTCOMES: tuple[type[Event], ...] = (
     DeliveryFailed,
     TaskRefused,
     TaskRepeated,
+    RenewRequested,
+    RenewalDue,
+    RenewalNotDue,
 )
 _COMPLETIONS: Mapping[type[Event], type[Action]] = {
     KeyReady: MakeKey,
@@ -647,12 +882,15 @@ class MachineConfig:
         delivery_timeout: seconds to wait for a delivery after the first send (60).
         retry_cap: the longest wait between sends, seconds (1 h).
         verify: the switchable certificate checks and the CA bundle.
+        renewal: when to renew automatically; ``None`` turns the automatic trigger off (the
+            operator's ``ztp.renew`` command works either way).
     """
 
     serial: str
     delivery_timeout: float = 60.0
     retry_cap: float = 3600.0
     verify: VerifyPolicy = field(default_factory=VerifyPolicy)
+    renewal: RenewalPolicy | None = field(default_factory=RenewalPolicy)
 
     def __post_init__(self) -> None:
         if not self.serial:
@@ -663,11 +901,15 @@ class MachineConfig:
             raise ValueError(msg)
 
 
+def _public_key_of(csr_pem: str) -> PublicKeyTypes:
+    return x509.load_pem_x509_csr(csr_pem.strip().encode("ascii")).public_key()
+
+
 class ProvisioningMachine:
     """Decides each provisioning step; performs none (see the module's theory of operation).
 
     Args:
-        config: serial, timings and verification policy.
+        config: serial, timings, verification and renewal policies.
         decoder: turns ``ztp.deliver`` task params into deliveries.
         rng: the source of jitter (seed it in tests).
         record: the last stored record, to resume from; ``None`` for a fresh gateway.
@@ -686,18 +928,20 @@ class ProvisioningMachine:
         self._rng = rng
         self._record = record
         self._public_key: PublicKeyTypes | None = None
+        self._renew_at: float | None = None
         if record is None:
             self._state = State.FRESH
         else:
-            self._public_key = x509.load_pem_x509_csr(
-                record.csr_pem.strip().encode("ascii")
-            ).public_key()
+            self._public_key = _public_key_of(record.csr_pem)
             # A request in flight when the daemon died is simply sent again on Start.
-            self._state = (
-                record.state
-                if record.state in {State.WAITING_RETRY, State.PROVISIONED}
-                else State.KEY_READY
-            )
+            if record.state in {State.WAITING_RETRY, State.PROVISIONED, State.RENEW_WAITING}:
+                self._state = record.state
+            elif record.renewing:
+                self._state = State.RENEW_KEY_READY
+            else:
+                self._state = State.KEY_READY
+            if record.bundle_version is not None:
+                self._renew_at = self._due_of(record)
         self._started = False
         self._link_up = False
         self._timer_armed = False
@@ -707,6 +951,10 @@ class ProvisioningMachine:
         self._delivered_uids: set[str] = set()
         self._pending_delivery: Delivery | None = None
         self._local_failures = 0
+        # The command that started the renewal under way, acked once its first record is durable.
+        self._renew_uid: str | None = None
+        # The PROVISIONED record a renewal started from, until the renewal's own is durable.
+        self._provisioned_record: StateRecord | None = None
 
     # --- inspection ----------------------------------------------------------------------------
 
@@ -725,6 +973,11 @@ class ProvisioningMachine:
         """Whether the machine believes the AirVantage link is up."""
         return self._link_up
 
+    @property
+    def renew_at(self) -> float | None:
+        """When the certificate in use is due for automatic renewal (``None``: never)."""
+        return self._renew_at
+
     def snapshot(self) -> tuple[object, ...]:
         """Everything an event may change, for tests asserting that a refusal changed nothing."""
         return (
@@ -739,6 +992,9 @@ class ProvisioningMachine:
             frozenset(self._delivered_uids),
             self._pending_delivery,
             self._local_failures,
+            self._renew_uid,
+            self._provisioned_record,
+            self._renew_at,
         )
 
     # --- the one entry point -------------------------------------------------------------------
@@ -763,9 +1019,12 @@ class ProvisioningMachine:
         if isinstance(event, _OUTCOMES):
             self._refuse(event, "outcome events are the machine's own, not input")
         self._check_guards(event)
+        # Interpretation knows the state, so the outcome it yields is always in the table.
+        step: Event
         if isinstance(event, TaskReceived):
-            # Interpretation knows the state, so the outcome it yields is always in the table.
-            step: Event = self._classify(event, now)
+            step = self._classify(event, now)
+        elif isinstance(event, TimerFired) and self._state is State.PROVISIONED:
+            step = RenewalDue() if self._is_due(now) else RenewalNotDue()
         else:
             step = event
         target = self._target(step)
@@ -802,16 +1061,20 @@ class ProvisioningMachine:
         if isinstance(event, TimerFired) and not self._timer_armed:
             self._refuse(event, "no timer is armed")
 
-    # --- task interpretation (pure, before the table) ------------------------------------------
+    # --- interpretation (pure, before the table) -----------------------------------------------
 
     # Each return is one outcome; splitting them up would hide the order of the checks.
     def _classify(self, task: TaskReceived, now: float) -> Event:  # noqa: PLR0911
         uid = task.uid
+        if task.command_id == RENEW_COMMAND:
+            if self._state is State.PROVISIONED or self._state in RENEWAL_STATES:
+                return RenewRequested(uid)
+            return TaskRefused(uid, "not provisioned yet: there is no certificate to renew")
         if task.command_id != DELIVER_COMMAND:
             return TaskRefused(uid, _short(f"unknown command {task.command_id!r}"))
         if self._state is State.PROVISIONED:
             return self._classify_after_provisioning(task, now)
-        if self._state not in _AWAITING_DELIVERY:
+        if _PHASE[self._state] not in _AWAITING_DELIVERY:
             return TaskRefused(uid, "no request outstanding")
         record = self._require_record()
         try:
@@ -869,6 +1132,35 @@ class ProvisioningMachine:
             return DeliveryFailed(uid, "bad_certificate_id", verification=True)
         return CertificateVerified(uid, delivery)
 
+    # --- renewal timing ------------------------------------------------------------------------
+
+    def _due_of(self, record: StateRecord) -> float | None:
+        """The renewal due time of the record's certificate, under the configured policy."""
+        policy = self._config.renewal
+        if policy is None:
+            return None
+        if record.renew_at is not None:
+            return record.renew_at
+        if record.not_before is None or record.not_after is None:
+            return None  # a record from before renewal existed: only the command renews
+        return renewal_due(
+            record.not_before, record.not_after, policy=policy, rand=self._rng.random()
+        )
+
+    def _is_due(self, now: float) -> bool:
+        return self._renew_at is not None and now >= self._renew_at
+
+    def _arm_renewal(self, now: float) -> list[Action]:
+        """Arm the timer for the renewal check: at the due time, or after ``check_interval``."""
+        policy = self._config.renewal
+        if policy is None or self._renew_at is None:
+            return []
+        delay = min(max(0.0, self._renew_at - now), policy.check_interval)
+        if self._local_failures:
+            # A renewal that failed locally is not tried again at once.
+            delay = max(delay, self._retry_delay(self._local_failures + 1))
+        return [self._schedule(delay)]
+
     # --- effects -------------------------------------------------------------------------------
 
     def _require_record(self) -> StateRecord:
@@ -897,12 +1189,11 @@ class ProvisioningMachine:
         record = self._require_record()
         attempts = record.attempts + 1
         self._decoder.reset()
+        sent = State.RENEW_SENT if self._state in RENEWAL_STATES else State.REQUEST_SENT
         return [
             PublishRequest(record.request_id, record.csr_pem, attempts),
             self._schedule(self._retry_delay(attempts)),
-            self._persist(
-                replace(record, state=State.REQUEST_SENT, attempts=attempts, next_retry_at=None)
-            ),
+            self._persist(replace(record, state=sent, attempts=attempts, next_retry_at=None)),
         ]
 
     def _fail_delivery(self, reason: str, now: float) -> list[Action]:
@@ -910,28 +1201,45 @@ class ProvisioningMachine:
         record = self._require_record()
         self._decoder.reset()
         delay = self._retry_delay(record.attempts + 1)
+        waiting = State.RENEW_WAITING if self._state in RENEWAL_STATES else State.WAITING_RETRY
         return [
             self._schedule(delay),
             self._persist(
-                replace(
-                    record, state=State.WAITING_RETRY, next_retry_at=now + delay, last_error=reason
-                )
+                replace(record, state=waiting, next_retry_at=now + delay, last_error=reason)
             ),
         ]
 
-    def _provisioned_actions(self, *, discard_key: bool, report: bool) -> list[Action]:
+    def _start_publisher(self) -> Action:
+        record = self._require_record()
+        if record.bundle_version is None:  # pragma: no cover - provisioned records have one
+            raise AssertionError
+        return StartPublisher(record.bundle_version)
+
+    def _provisioned_actions(self, now: float, *, discard_key: bool) -> list[Action]:
         record = self._require_record()
         if record.bundle_version is None or record.certificate_id is None:  # pragma: no cover
             raise AssertionError
         actions: list[Action] = [DiscardKey()] if discard_key else []
-        if report:
-            actions.append(
-                ReportStatus(
-                    record.request_id, provisioned=True, certificate_id=record.certificate_id
-                )
-            )
-        actions.append(StartPublisher(record.bundle_version))
-        return actions
+        actions.append(
+            ReportStatus(record.request_id, provisioned=True, certificate_id=record.certificate_id)
+        )
+        actions.append(self._start_publisher())
+        return actions + self._arm_renewal(now)
+
+    def _begin_renewal(self, uid: str | None) -> list[Action]:
+        """Leave PROVISIONED for a renewal: a fresh key first, the bundle in use untouched."""
+        self._provisioned_record = self._require_record()
+        self._renew_uid = uid
+        actions: list[Action] = []
+        if self._timer_armed:
+            self._timer_armed = False
+            actions.append(CancelRetry())
+        self._awaiting = MakeKey
+        return [*actions, MakeKey(fresh=True)]
+
+    def _ack_renewal(self, *, ok: bool, message: str | None = None) -> list[Action]:
+        uid, self._renew_uid = self._renew_uid, None
+        return [] if uid is None else [AckTask(uid, ok=ok, message=message)]
 
     # A flat dispatch, one branch per event type, reads like the table it follows.
     def _apply(self, event: Event, now: float) -> list[Action]:  # noqa: PLR0911, PLR0912
@@ -954,17 +1262,14 @@ class ProvisioningMachine:
                     self._awaiting = MakeKey
                     return [MakeKey()]
                 return self._send()
-            case KeyReady(csr_pem=csr_pem):
-                self._public_key = event.public_key
-                csr = csr_pem.strip() + "\n"
-                return [self._persist(StateRecord(State.KEY_READY, request_id_for(csr), csr))]
+            case KeyReady():
+                return self._on_key_ready(event)
             case Persisted():
-                if self._state is State.KEY_READY:
-                    return self._send()
+                if _PHASE[self._state] is State.KEY_READY:
+                    self._provisioned_record = None
+                    return self._ack_renewal(ok=True) + self._send()
                 if self._state is State.PROVISIONED:
-                    return self._ack_stored() + self._provisioned_actions(
-                        discard_key=True, report=True
-                    )
+                    return self._ack_stored() + self._provisioned_actions(now, discard_key=True)
                 return []
             case StorageFailed(reason=reason):
                 return self._on_storage_failed(reason, now)
@@ -972,6 +1277,26 @@ class ProvisioningMachine:
                 return self._on_credentials_stored(version)
             case _:
                 return self._on_outcome(event, now)
+
+    def _on_key_ready(self, event: KeyReady) -> list[Action]:
+        self._public_key = event.public_key
+        self._local_failures = 0
+        csr = event.csr_pem.strip() + "\n"
+        request_id = request_id_for(csr)
+        if self._state is State.RENEW_MAKING_KEY:
+            # The renewal's request; the bundle in use stays described in the same record.
+            record = replace(
+                self._require_record(),
+                state=State.RENEW_KEY_READY,
+                request_id=request_id,
+                csr_pem=csr,
+                attempts=0,
+                next_retry_at=None,
+                last_error=None,
+            )
+        else:
+            record = StateRecord(State.KEY_READY, request_id, csr)
+        return [self._persist(record)]
 
     def _on_start(self, now: float) -> list[Action]:
         self._started = True
@@ -982,14 +1307,22 @@ class ProvisioningMachine:
             case State.KEY_READY:
                 return self._send()
             case State.WAITING_RETRY:
-                record = self._require_record()
-                due = record.next_retry_at if record.next_retry_at is not None else now
-                return [self._schedule(max(0.0, due - now))]
+                return self._resume_wait(now)
+            case State.RENEW_KEY_READY:
+                # The bundle in use is committed: publish on it while the renewal goes on.
+                return [self._start_publisher(), *self._send()]
+            case State.RENEW_WAITING:
+                return [self._start_publisher(), *self._resume_wait(now)]
             case _:
                 # Resumed provisioned: the report may have been lost to a kill right after the
                 # record became durable, so it goes again (the cloud takes a repeat as the same
                 # news); a leftover pending key goes now.
-                return self._provisioned_actions(discard_key=True, report=True)
+                return self._provisioned_actions(now, discard_key=True)
+
+    def _resume_wait(self, now: float) -> list[Action]:
+        record = self._require_record()
+        due = record.next_retry_at if record.next_retry_at is not None else now
+        return [self._schedule(max(0.0, due - now))]
 
     def _on_storage_failed(self, reason: str, now: float) -> list[Action]:
         match self._state:
@@ -999,7 +1332,18 @@ class ProvisioningMachine:
                 self._public_key = None
                 self._local_failures += 1
                 return [self._schedule(self._retry_delay(self._local_failures + 1))]
-            case State.STORING:
+            case State.RENEW_MAKING_KEY | State.RENEW_KEY_READY:
+                # Nothing was sent yet and the stored record is still the PROVISIONED one: go
+                # back to it, and try again later.
+                restored = self._provisioned_record
+                if restored is None:  # pragma: no cover - set when the renewal began
+                    raise AssertionError
+                self._record, self._provisioned_record = restored, None
+                self._public_key = _public_key_of(restored.csr_pem)
+                self._local_failures += 1
+                message = _short(f"renewal failed: {reason}")
+                return self._ack_renewal(ok=False, message=message) + self._arm_renewal(now)
+            case State.STORING | State.RENEW_STORING:
                 uid, self._storing_uid = self._storing_uid, None
                 self._pending_delivery = None
                 message = _short(f"storage failed: {reason}")
@@ -1010,9 +1354,7 @@ class ProvisioningMachine:
             case State.PROVISIONED:
                 # The bundle is committed, only its record is missing: run on it, keep the key
                 # (a restart re-sends the request and the bundle store recognises the repeat).
-                return self._ack_stored() + self._provisioned_actions(
-                    discard_key=False, report=True
-                )
+                return self._ack_stored() + self._provisioned_actions(now, discard_key=False)
             case _:
                 # A record of a send or a wait was lost; the timer is armed, so carry on.
                 return []
@@ -1025,12 +1367,28 @@ class ProvisioningMachine:
         if uid is not None:
             self._delivered_uids.add(uid)
         self._pending_delivery = None
+        # Verified before, so it parses; its validity times the next renewal.
+        certificate = x509.load_pem_x509_certificate(
+            delivery.certificate_pem.strip().encode("ascii")
+        )
+        not_before = certificate.not_valid_before_utc.timestamp()
+        not_after = certificate.not_valid_after_utc.timestamp()
+        policy = self._config.renewal
+        renew_at = (
+            None
+            if policy is None
+            else renewal_due(not_before, not_after, policy=policy, rand=self._rng.random())
+        )
+        self._renew_at = renew_at
         record = replace(
             self._require_record(),
             state=State.PROVISIONED,
             next_retry_at=None,
             bundle_version=version,
             certificate_id=delivery.certificate_id,
+            not_before=not_before,
+            not_after=not_after,
+            renew_at=renew_at,
         )
         # The task is acked only once this record is durable (see _ack_stored): a daemon killed
         # before then gets the delivery again, rather than a stored bundle it does not know of.
@@ -1041,7 +1399,8 @@ class ProvisioningMachine:
         uid, self._storing_uid = self._storing_uid, None
         return [] if uid is None else [AckTask(uid, ok=True)]
 
-    def _on_outcome(self, event: Event, now: float) -> list[Action]:
+    # One branch per outcome, as in the table.
+    def _on_outcome(self, event: Event, now: float) -> list[Action]:  # noqa: PLR0911
         match event:
             case FragmentHeld(uid=uid):
                 return [AckTask(uid, ok=True)]
@@ -1078,6 +1437,16 @@ class ProvisioningMachine:
                 return [AckTask(uid, ok=False, message=reason)]
             case TaskRepeated(uid=uid):
                 return [AckTask(uid, ok=True)]
+            case RenewRequested(uid=uid):
+                if self._state is State.PROVISIONED:
+                    return self._begin_renewal(uid)
+                return [AckTask(uid, ok=True)]  # one is under way: that is what was asked
+            case RenewalDue():
+                self._timer_armed = False
+                return self._begin_renewal(None)
+            case RenewalNotDue():
+                self._timer_armed = False
+                return self._arm_renewal(now)
         raise AssertionError(f"unhandled {type(event).__name__}")  # pragma: no cover
 
     def _route(self, actions: list[Action]) -> list[Action]:

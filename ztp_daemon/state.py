@@ -131,6 +131,9 @@ def record_to_json(record: StateRecord) -> bytes:
         "last_error": record.last_error,
         "bundle_version": record.bundle_version,
         "certificate_id": record.certificate_id,
+        "not_before": record.not_before,
+        "not_after": record.not_after,
+        "renew_at": record.renew_at,
     }
     return json.dumps(document, indent=1, sort_keys=True).encode("utf-8") + b"\n"
 
@@ -144,7 +147,7 @@ def _get(document: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
 
 
 def record_from_json(data: bytes) -> StateRecord:
-    """Decode ``state.json``.
+    """Decode ``state.json`` (a record written before renewal existed reads with no validity).
 
     Raises:
         ValueError: not JSON, an unknown format version, or a field of the wrong type or value.
@@ -166,6 +169,10 @@ def record_from_json(data: bytes) -> StateRecord:
             last_error=_get(document, "last_error", (str, none)),
             bundle_version=_get(document, "bundle_version", (int, none)),
             certificate_id=_get(document, "certificate_id", (str, none)),
+            # Absent from records written before renewal existed: read as None.
+            not_before=_get(document, "not_before", (int, float, none)),
+            not_after=_get(document, "not_after", (int, float, none)),
+            renew_at=_get(document, "renew_at", (int, float, none)),
         )
     except TypeError as exc:
         raise ValueError(str(exc)) from exc
