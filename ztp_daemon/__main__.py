@@ -2,7 +2,8 @@
 
 ``ztp-daemon run --config FILE`` runs the daemon until SIGTERM or SIGINT (which only set an
 event; the supervisor then shuts down in order). ``ztp-daemon status`` reads the state directory
-and says where provisioning stands, for a person on the gateway (or ``--json`` for a script).
+and says where provisioning stands, for a person on the gateway (or ``--json`` for a script):
+the certificate in use and its expiry, when its renewal is due, and whether one is under way.
 
 Exit statuses: 0 done, 1 a runtime failure (unreadable state, storage), 2 a usage or
 configuration error.
@@ -47,6 +48,7 @@ from ztp_daemon.config import (
 )
 from ztp_daemon.errors import StorageError
 from ztp_daemon.keystore import FileKeyStore
+from ztp_daemon.machine import StateRecord
 from ztp_daemon.sdnotify import Notifier
 from ztp_daemon.state import DEFAULT_STATE_DIRECTORY, StateFile, ensure_private_directory
 from ztp_daemon.supervisor import BUNDLE_DIRECTORY, PublisherFactory, serve
@@ -69,7 +71,9 @@ Zero-touch provisioning of this gateway into AWS IoT Core through AirVantage.
 
 The daemon makes the gateway's key once, sends its certificate request over AirVantage's MQTT
 API, checks and stores the certificate the cloud delivers, then publishes to AWS IoT Core. It
-resumes where it stopped after any restart.
+renews the certificate (a new key and request) once renewal.at_fraction of its lifetime has
+passed, or when an operator sends the AirVantage command ztp.renew, publishing on the old one
+until the new one is installed. It resumes where it stopped after any restart.
 """
 
 _EPILOG = """\
@@ -110,8 +114,9 @@ def _parser() -> argparse.ArgumentParser:
         "status",
         help="show where provisioning stands",
         description=(
-            "Show the provisioning state, serial, certificate id and expiry, IoT endpoint and "
-            "last error, read from the state directory. Needs no password."
+            "Show the provisioning state, serial, certificate id and expiry, when its renewal "
+            "is due and whether one is under way, IoT endpoint and last error, read from the "
+            "state directory. Needs no password."
         ),
     )
     where = status.add_mutually_exclusive_group()
@@ -272,6 +277,16 @@ def _serial_of(csr_pem: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _renewal_fields(record: StateRecord | None) -> dict[str, Any]:
+    due = None
+    if record is not None and record.renew_at is not None:
+        due = dt.datetime.fromtimestamp(record.renew_at, dt.UTC)
+    return {
+        "renewal_due": _iso(due),
+        "renewal_in_progress": record is not None and record.renewing,
+    }
+
+
 def status_report(state_dir: Path, *, now: dt.datetime | None = None) -> dict[str, Any]:
     """Read where provisioning stands from the state directory.
 
@@ -281,9 +296,12 @@ def status_report(state_dir: Path, *, now: dt.datetime | None = None) -> dict[st
 
     Returns:
         A JSON-ready mapping: ``state``, ``serial``, ``request_id``, ``attempts``,
-        ``next_retry_at``, ``last_error``, ``certificate_id``, ``certificate_expires``,
-        ``certificate_expired``, ``endpoint``, ``bundle_version``, ``pending_key``,
-        ``state_dir``.
+        ``next_retry_at``, ``last_error``, ``certificate_id``, ``certificate_expires`` (the
+        certificate in use's not_after), ``certificate_expired``, ``renewal_due`` (when its
+        automatic renewal is due, ``None`` when off or unknown), ``renewal_in_progress``,
+        ``endpoint``, ``bundle_version``, ``pending_key``, ``state_dir``. While a renewal is
+        under way, ``request_id`` and ``attempts`` are the renewal's and the certificate fields
+        describe the bundle still in use.
 
     Raises:
         StorageError: the state file or the bundle exists but cannot be read.
@@ -302,6 +320,7 @@ def status_report(state_dir: Path, *, now: dt.datetime | None = None) -> dict[st
     if record is not None and record.next_retry_at is not None:
         next_retry = dt.datetime.fromtimestamp(record.next_retry_at, dt.UTC)
     return {
+        **_renewal_fields(record),
         "state": "fresh" if record is None else record.state.value,
         "serial": None if record is None else _serial_of(record.csr_pem),
         "request_id": None if record is None else record.request_id,
@@ -324,6 +343,9 @@ _MEANINGS: Final = {
     "request_sent": "certificate request sent, waiting for the certificate",
     "waiting_retry": "the last delivery failed; the request will be sent again",
     "provisioned": "certificate installed; publishing to AWS IoT",
+    "renew_key_ready": "renewing: new key and certificate request made, not sent yet",
+    "renew_sent": "renewing: new certificate request sent; publishing with the current one",
+    "renew_waiting": "renewing: the last delivery failed; the request will be sent again",
 }
 
 
@@ -348,6 +370,10 @@ def _human(report: Mapping[str, Any], now: dt.datetime) -> str:
         lines.append(f"certificate expires: {expires} ({when})")
     else:
         lines.append("certificate expires: -")
+    if report["renewal_in_progress"]:
+        lines.append("renewal:             in progress (the certificate above stays in use)")
+    elif report["renewal_due"] is not None:
+        lines.append(f"renewal due:         {report['renewal_due']}")
     lines += [
         f"endpoint:            {show(report['endpoint'])}",
         f"last error:          {show(report['last_error'])}",

@@ -25,6 +25,11 @@ so a bad setting stops the daemon before it makes a key or opens a socket::
     first = 60.0                     # seconds to wait for a delivery after the first send
     cap = 3600.0                     # the longest wait between sends
 
+    [renewal]                        # certificate rotation (the ztp.renew command works anyway)
+    enabled = true                   # renew automatically
+    at_fraction = 0.6667             # once this fraction of the certificate's lifetime has passed
+    jitter_fraction = 0.05           # plus or minus this fraction of the lifetime, per gateway
+
     [publisher]                      # the IoT publisher (#5); more keys may come
     enabled = true
     port = 8883
@@ -57,6 +62,7 @@ from shared.config import environment_help as shared_environment_help
 from shared.errors import ConfigError, InvalidValueError
 from ztp_daemon.csr import CsrSubject, read_serial
 from ztp_daemon.keystore import KeyType
+from ztp_daemon.machine import RenewalPolicy
 from ztp_daemon.state import DEFAULT_STATE_DIRECTORY
 from ztp_daemon.verify import VerifyPolicy
 
@@ -71,6 +77,7 @@ __all__ = [
     "LogSection",
     "LogStyleChoice",
     "PublisherSection",
+    "RenewalSection",
     "RetrySection",
     "VerificationSection",
     "environment_help",
@@ -203,6 +210,40 @@ class RetrySection:
 
 
 @dataclass(frozen=True, slots=True)
+class RenewalSection:
+    """Automatic certificate renewal (rotation); the operator's ``ztp.renew`` works regardless.
+
+    Attributes:
+        enabled: renew automatically once ``at_fraction`` of the certificate's lifetime has
+            passed (AWS IoT certificates are valid for decades, so this matters for private CAs).
+        at_fraction: the fraction of the lifetime (``not_before`` to ``not_after``) after which
+            renewal is due, in (0, 1); 2/3 as step-ca.
+        jitter_fraction: plus or minus this fraction of the lifetime, drawn once per certificate,
+            so gateways provisioned together do not renew together.
+    """
+
+    enabled: bool = True
+    at_fraction: float = field(default=2 / 3, metadata={"min": 0.0, "max": 1.0})
+    jitter_fraction: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.at_fraction < 1:
+            raise ConfigError("renewal.at_fraction", "must be between 0 and 1, both excluded")
+        if self.jitter_fraction >= min(self.at_fraction, 1 - self.at_fraction):
+            raise ConfigError(
+                "renewal.jitter_fraction",
+                "must be smaller than at_fraction and than 1 - at_fraction "
+                "(the due time must stay inside the lifetime)",
+            )
+
+    def policy(self) -> RenewalPolicy | None:
+        """The machine's renewal policy, or ``None`` when automatic renewal is off."""
+        if not self.enabled:
+            return None
+        return RenewalPolicy(at_fraction=self.at_fraction, jitter_fraction=self.jitter_fraction)
+
+
+@dataclass(frozen=True, slots=True)
 class PublisherSection:
     """The IoT publisher started once provisioned (owned by #5; more keys may come).
 
@@ -258,6 +299,7 @@ class DeviceConfig:
         device: the gateway's identity and state directory.
         verification: certificate checks.
         retry: request retry timings.
+        renewal: automatic certificate renewal.
         publisher: the IoT publisher.
         log: logging.
     """
@@ -266,6 +308,7 @@ class DeviceConfig:
     device: DeviceSection = field(default_factory=DeviceSection)
     verification: VerificationSection = field(default_factory=VerificationSection)
     retry: RetrySection = field(default_factory=RetrySection)
+    renewal: RenewalSection = field(default_factory=RenewalSection)
     publisher: PublisherSection = field(default_factory=PublisherSection)
     log: LogSection = field(default_factory=LogSection)
 

@@ -18,10 +18,11 @@ actions the machine returns, honouring the machine's driver contract:
    ``CredentialsStored`` or ``StorageFailed``) is fed straight back, before the inbox is read
    again, so tasks and timers that arrive meanwhile wait in the inbox, as the contract asks.
    Blocking file work (key generation, fsyncs) runs in a worker thread.
-3. One timer: ``ScheduleRetry`` re-arms it with ``loop.call_later`` and a new generation number,
-   ``CancelRetry`` disarms it; an expiry that reaches the inbox after it was re-armed or disarmed
-   carries an old generation and is dropped, so ``TimerFired`` is fed only for the armed timer.
-   No polling anywhere: the loop sleeps on the inbox.
+3. One timer (the retry timer, or in PROVISIONED the renewal check): ``ScheduleRetry``
+   re-arms it with ``loop.call_later`` and a new generation number, ``CancelRetry`` disarms it;
+   an expiry that reaches the inbox after it was re-armed or disarmed carries an old
+   generation and is dropped, so ``TimerFired`` is fed only for the armed timer. No polling
+   anywhere: the loop sleeps on the inbox.
 4. Link-bound actions (``PublishRequest``, ``AckTask``, ``ReportStatus``) go over the link. The
    machine holds them itself while it knows the link is down; one that fails anyway (the
    connection dropped under it) is kept and sent again after the next ``LinkUp``, before what
@@ -30,10 +31,14 @@ actions the machine returns, honouring the machine's driver contract:
    ERROR directly.
 6. ``StartPublisher`` enters the *publisher factory* (a seam: any callable taking the committed
    :class:`~ztp_daemon.bundle.Bundle` and returning an async context manager) in a task named
-   ``supervisor.publisher``, held open until shutdown. When what it enters can be watched (it
-   has ``attach_watchdog``, as :class:`~ztp_daemon.publisher.Publisher` does), its loops are
-   registered with the systemd watchdog from then on, beside the machine loop; it unregisters
-   them when it stops.
+   ``supervisor.publisher``, held open until shutdown. The publisher is also started at once,
+   before the machine, whenever a bundle is committed, whatever the state (a daemon killed
+   mid-renewal, or between a commit and its record, publishes on the bundle it has); there is
+   never a second publisher task. A renewal commits a new bundle version, which the publisher
+   notices by itself (it follows the bundle store) and reconnects with. When what it enters
+   can be watched (it has ``attach_watchdog``, as :class:`~ztp_daemon.publisher.Publisher`
+   does), its loops are registered with the systemd watchdog from then on, beside the machine
+   loop; it unregisters them when it stops.
 
 Shutdown: when ``shutdown()`` returns, the machine task is cancelled (a storage action in a
 worker thread completes: files are written atomically either way), then the publisher, then the
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import random
 import time
 from collections import deque
@@ -78,6 +84,7 @@ from ztp_daemon.link import (
     TaskArrived,
 )
 from ztp_daemon.machine import (
+    RENEWAL_STATES,
     AckTask,
     Action,
     CancelRetry,
@@ -161,6 +168,10 @@ class _RefuseTask:
 
 _Item: TypeAlias = Input | _TimerExpired | _RefuseTask
 _LINK_BOUND = (PublishRequest, AckTask, ReportStatus)
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
 
 
 def _ack_message(text: str) -> str:
@@ -283,6 +294,7 @@ class Supervisor:
             stack.callback(self._disarm)
             group = await stack.enter_async_context(asyncio.TaskGroup())
             self._group = group
+            await self._start_publisher(None)
             await self._feed(Start())
             machine_task = group.create_task(self._machine_loop(), name=MACHINE_TASK_NAME)
             self._notifier.ready(status=self._status_line())
@@ -379,7 +391,10 @@ class Supervisor:
 
     def _status_line(self) -> str:
         record = self._machine.record
-        text = f"provisioning: {self._machine.state.value}"
+        state = self._machine.state
+        text = f"provisioning: {state.value}"
+        if state in RENEWAL_STATES and record is not None:
+            text += f", publishing on bundle v{record.bundle_version} meanwhile"
         if record is not None and record.attempts:
             text += f", request sent {record.attempts}x"
         if record is not None and record.last_error:
@@ -391,8 +406,8 @@ class Supervisor:
     async def _perform(self, action: Action) -> Input | None:
         """Perform one action; return the completion of a storage action."""
         match action:
-            case MakeKey():
-                return await self._make_key()
+            case MakeKey(fresh=fresh):
+                return await self._make_key(fresh=fresh)
             case Persist(record=record):
                 try:
                     await asyncio.to_thread(self._state_file.save, record)
@@ -410,6 +425,7 @@ class Supervisor:
                 await self._send(action)
             case StartPublisher(bundle_version=version):
                 await self._start_publisher(version)
+                self._log_renewal_due()
             case DiscardKey():
                 try:
                     await asyncio.to_thread(self._keystore.discard)
@@ -420,8 +436,18 @@ class Supervisor:
                 raise AssertionError(f"unhandled action {type(action).__name__}")
         return None
 
-    async def _make_key(self) -> Input:
+    def _log_renewal_due(self) -> None:
+        due = self._machine.renew_at
+        if due is not None:
+            self._log.info("renewal.scheduled", due=_iso(due))
+
+    async def _make_key(self, *, fresh: bool) -> Input:
         try:
+            if fresh:
+                # A renewal: a leftover pending key may be the very key of the bundle in use
+                # (a discard that failed once); the new request must carry a new key.
+                self._log.info("renewal.started", state=self._machine.state.value)
+                await asyncio.to_thread(self._keystore.discard)
             handle = await asyncio.to_thread(self._keystore.load_or_create)
             csr_pem = await asyncio.to_thread(handle.sign_csr, self._subject)
         except StorageError as exc:
@@ -506,7 +532,9 @@ class Supervisor:
                 # An unacked task comes again from AirVantage; a request or report must be resent.
                 self._unsent.append(action)
 
-    async def _start_publisher(self, version: int) -> None:
+    async def _start_publisher(self, version: int | None) -> None:
+        """Start the publisher on the committed bundle, once; ``version`` is what the machine
+        recorded (``None`` at start-up, before the machine speaks)."""
         if self._publisher_task is not None:
             return
         try:
@@ -514,18 +542,20 @@ class Supervisor:
         except StorageError as exc:
             self._log.error("bundle.unreadable", reason=str(exc))
             return
-        if bundle is None or bundle.version != version:
-            self._log.error(
-                "bundle.not_current",
-                expected=version,
-                found=None if bundle is None else bundle.version,
-            )
+        if bundle is None:
+            if version is not None:
+                self._log.error("bundle.not_current", expected=version, found=None)
             return
+        if version is not None and bundle.version != version:
+            # Committed, but its record was lost to a kill: the bundle store is the truth the
+            # publisher follows, and the machine catches up when the delivery comes again.
+            self._log.warning("bundle.newer_than_record", recorded=version, found=bundle.version)
         self._log.info(
             "provisioned",
             bundle_version=bundle.version,
             certificate_id=bundle.certificate_id,
             endpoint=bundle.endpoint,
+            state=self._machine.state.value,
         )
         factory = self._publisher_factory
         if factory is None or self._group is None:
@@ -584,6 +614,7 @@ async def serve(
             delivery_timeout=config.retry.first,
             retry_cap=config.retry.cap,
             verify=policy,
+            renewal=config.renewal.policy(),
         ),
         decoder=SharedCodecDecoder(),
         rng=rng,
