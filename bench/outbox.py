@@ -6,6 +6,12 @@ Run ``python -m bench.outbox [--json] [--quick]``. One sandbox IoT broker (mosqu
 - **raw aiomqtt**: one client, 100 senders awaiting ``client.publish(..., qos=1)`` (the PUBACK) in
   a loop, ``max_inflight_messages=100``; MQTT 5, as the publisher speaks. ``timeout=math.inf``
   spares aiomqtt a ``wait_for`` task per publish, which makes this baseline faster, not slower.
+  It publishes the same messages as the outbox run: the same topic and payload, and the same
+  message id (``<16 hex digits>-<n>``) as the same MQTT 5 user property (``ztp-id``), packed by
+  the same :func:`~ztp_daemon.publisher.message_id_properties` (paho's own ``Properties`` would
+  cost the baseline far more). The id is part of the publisher's contract (consumers drop QoS 1
+  duplicates by it), so a baseline without it would not send the same messages; that run is
+  measured too, as **raw aiomqtt without ids**, and reported beside it.
 - **outbox**: the same broker and certificate, through :class:`~ztp_daemon.outbox.Outbox` (SQLite,
   WAL, ``synchronous=FULL``: every message committed before it is accepted) and
   :class:`~ztp_daemon.publisher.Publisher` (100 in flight, the message id as a user property,
@@ -51,13 +57,19 @@ from sandbox.pki import SandboxPki
 from ztp_daemon.heartbeat import Heartbeat
 from ztp_daemon.ingest import IngestConfig, IngestServer
 from ztp_daemon.outbox import Outbox
-from ztp_daemon.publisher import FileCredentials, Publisher, PublisherConfig
+from ztp_daemon.publisher import (
+    FileCredentials,
+    Publisher,
+    PublisherConfig,
+    message_id_properties,
+)
 
 __all__ = ["Result", "main", "run"]
 
 IN_FLIGHT = 100
 PAYLOAD = b'{"temperature":21.5,"humidity":40,"battery":3.61,"seq":0000000000}'.ljust(100, b" ")
 FLOOR_IMPORTS = "import aiomqtt, cryptography.x509, sqlite3, structlog"
+RAW_UID = "0123456789abcdef"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +81,17 @@ class Result:
     outbox_msgs_per_s: float
     raw_aiomqtt_msgs_per_s: float
     outbox_vs_raw_aiomqtt: float
+    raw_no_ids_msgs_per_s: float
+    outbox_vs_raw_no_ids: float
     outbox_runs: list[float]
     raw_runs: list[float]
+    raw_no_ids_runs: list[float]
     outbox_commits_per_run: float
     raw_cpu_us_per_msg: float
+    raw_no_ids_cpu_us_per_msg: float
     outbox_cpu_us_per_msg: float
     cpu_raw_vs_outbox: float
+    cpu_raw_no_ids_vs_outbox: float
     load_average: list[float]
     rss_mib: float
     import_floor_rss_mib: float
@@ -88,8 +105,11 @@ def _rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-async def _raw_run(broker: IotBroker, cert: ClientCertificate, count: int) -> float:
+async def _raw_run(
+    broker: IotBroker, cert: ClientCertificate, count: int, *, ids: bool = True
+) -> float:
     context = client_tls_context(broker.address, cert)
+    properties_of = message_id_properties("ztp-id") if ids else None
     async with aiomqtt.Client(
         "127.0.0.1",
         broker.port,
@@ -103,8 +123,14 @@ async def _raw_run(broker: IotBroker, cert: ClientCertificate, count: int) -> fl
         work = iter(range(count))
 
         async def sender() -> None:
-            for _ in work:
-                await client.publish(topic, PAYLOAD, qos=1, timeout=math.inf)
+            if properties_of is None:
+                for _ in work:
+                    await client.publish(topic, PAYLOAD, qos=1, timeout=math.inf)
+                return
+            for index in work:
+                # The outbox's ids: its 16-hex-digit uid, then the message's sequence number.
+                properties = properties_of(f"{RAW_UID}-{index + 1}")
+                await client.publish(topic, PAYLOAD, qos=1, properties=properties, timeout=math.inf)
 
         began = time.perf_counter()
         async with asyncio.TaskGroup() as group:
@@ -228,19 +254,25 @@ async def run(*, count: int, repetitions: int, memory_runs: int) -> Result:
         async with IotBroker(directory / "broker", pki=pki) as broker:
             cert = write_client_certificate(pki, "bench-thing", directory / "things")
             raw_runs: list[float] = []
+            bare_runs: list[float] = []
             outbox_runs: list[float] = []
             commits: list[int] = []
             # CPU time of this process (loop and SQLite threads) per message: unlike the rates,
             # it hardly moves when other processes compete for the two cores.
             raw_cpu: list[float] = []
+            bare_cpu: list[float] = []
             outbox_cpu: list[float] = []
             # One warm-up of each, not counted: first TLS handshakes, SQLite page cache.
             await _raw_run(broker, cert, min(count, 2000))
+            await _raw_run(broker, cert, min(count, 2000), ids=False)
             await _outbox_run(broker, pki, cert, min(count, 2000), directory / "warm.db")
             for index in range(repetitions):
                 began = time.process_time()
                 raw_runs.append(await _raw_run(broker, cert, count))
                 raw_cpu.append((time.process_time() - began) / count * 1e6)
+                began = time.process_time()
+                bare_runs.append(await _raw_run(broker, cert, count, ids=False))
+                bare_cpu.append((time.process_time() - began) / count * 1e6)
                 began = time.process_time()
                 rate, transactions = await _outbox_run(
                     broker, pki, cert, count, directory / f"run{index}.db"
@@ -256,20 +288,24 @@ async def run(*, count: int, repetitions: int, memory_runs: int) -> Result:
     floor = statistics.median(_measure_floor_rss() for _ in range(memory_runs))
     outbox_rate = statistics.median(outbox_runs)
     raw_rate = statistics.median(raw_runs)
+    bare_rate = statistics.median(bare_runs)
     return Result(
         messages_per_run=count,
         repetitions=repetitions,
         outbox_msgs_per_s=round(outbox_rate, 1),
         raw_aiomqtt_msgs_per_s=round(raw_rate, 1),
         outbox_vs_raw_aiomqtt=round(outbox_rate / raw_rate, 3),
+        raw_no_ids_msgs_per_s=round(bare_rate, 1),
+        outbox_vs_raw_no_ids=round(outbox_rate / bare_rate, 3),
         outbox_runs=[round(r) for r in outbox_runs],
         raw_runs=[round(r) for r in raw_runs],
+        raw_no_ids_runs=[round(r) for r in bare_runs],
         outbox_commits_per_run=statistics.median(commits),
         raw_cpu_us_per_msg=round(statistics.median(raw_cpu), 1),
+        raw_no_ids_cpu_us_per_msg=round(statistics.median(bare_cpu), 1),
         outbox_cpu_us_per_msg=round(statistics.median(outbox_cpu), 1),
-        cpu_raw_vs_outbox=round(
-            statistics.median(r / o for r, o in zip(raw_cpu, outbox_cpu, strict=True)), 3
-        ),
+        cpu_raw_vs_outbox=_median_ratio(raw_cpu, outbox_cpu),
+        cpu_raw_no_ids_vs_outbox=_median_ratio(bare_cpu, outbox_cpu),
         load_average=load,
         rss_mib=round(rss, 1),
         import_floor_rss_mib=round(floor, 1),
@@ -277,18 +313,36 @@ async def run(*, count: int, repetitions: int, memory_runs: int) -> Result:
     )
 
 
-def _cpu_pair(result: Result) -> str:
-    return f"{result.raw_cpu_us_per_msg:.0f} / {result.outbox_cpu_us_per_msg:.0f} us"
+def _median_ratio(raw: list[float], outbox: list[float]) -> float:
+    """The median of the runs' ratios raw ÷ outbox (pairs measured one after the other)."""
+    return round(statistics.median(r / o for r, o in zip(raw, outbox, strict=True)), 3)
+
+
+def _cpu_pair(raw: float, outbox: float) -> str:
+    return f"{raw:.1f} / {outbox:.1f} us"
 
 
 def _table(result: Result) -> str:
     rows = [
-        ("raw aiomqtt, QoS 1, 100 in flight, mTLS", f"{result.raw_aiomqtt_msgs_per_s:,.0f} msg/s"),
+        (
+            "raw aiomqtt, QoS 1, 100 in flight, mTLS, ids",
+            f"{result.raw_aiomqtt_msgs_per_s:,.0f} msg/s",
+        ),
+        ("raw aiomqtt without ids", f"{result.raw_no_ids_msgs_per_s:,.0f} msg/s"),
         ("outbox + publisher (SQLite FULL, ids)", f"{result.outbox_msgs_per_s:,.0f} msg/s"),
         ("outbox / raw (goal >= 0.8)", f"{result.outbox_vs_raw_aiomqtt:.3f}"),
+        ("outbox / raw without ids", f"{result.outbox_vs_raw_no_ids:.3f}"),
         ("commits per run (group commit)", f"{result.outbox_commits_per_run:,.0f}"),
-        ("CPU per message, raw / outbox", _cpu_pair(result)),
+        (
+            "CPU per message, raw / outbox",
+            _cpu_pair(result.raw_cpu_us_per_msg, result.outbox_cpu_us_per_msg),
+        ),
         ("CPU per message, raw / outbox (ratio)", f"{result.cpu_raw_vs_outbox:.3f}"),
+        (
+            "CPU per message, raw without ids / outbox",
+            _cpu_pair(result.raw_no_ids_cpu_us_per_msg, result.outbox_cpu_us_per_msg),
+        ),
+        ("CPU, raw without ids / outbox (ratio)", f"{result.cpu_raw_no_ids_vs_outbox:.3f}"),
         ("daemon RSS, steady state", f"{result.rss_mib:.1f} MiB"),
         (
             "python + aiomqtt/cryptography/structlog/sqlite3",
@@ -301,6 +355,7 @@ def _table(result: Result) -> str:
         f"{result.messages_per_run:,} messages x {result.repetitions} runs each, medians",
         *(f"{name:<{width}}  {value:>16}" for name, value in rows),
         f"raw runs:    {result.raw_runs}",
+        f"raw without ids runs: {result.raw_no_ids_runs}",
         f"outbox runs: {result.outbox_runs}",
         f"load average at start: {result.load_average}",
     ]

@@ -129,18 +129,40 @@ def test_config_bounds_and_alpn_default() -> None:
     assert PublisherConfig(thing_name="t").publish_rate == 100.0, "AWS's per-connection limit"
 
 
-@pytest.mark.parametrize("message_id", ["abc-1", "0123456789abcdef-" + "9" * 200, "é-1"])
-def test_message_id_property_packs_like_paho(message_id: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "message_id"),
+    [
+        ("ztp-id", "abc-1"),
+        ("ztp-id", "0123456789abcdef-18446744073709551615"),
+        ("ztp-id", "é-1"),
+        # Around the one-byte lengths' edge: 9 + 2 + 116 = 127 bytes, then 128 (two bytes).
+        ("ztp-id", "x" * 116),
+        ("ztp-id", "x" * 117),
+        ("ztp-id", "0123456789abcdef-" + "9" * 200),
+        ("ztp-id", "y" * 300),  # the value's length has a high byte
+        ("message-identifier", "z" * 120),
+        ("n", ""),
+    ],
+)
+def test_message_id_properties_pack_like_paho(name: str, message_id: str) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from ztp_daemon.publisher import _MessageIdProperty, _user_property_prefix
+    from ztp_daemon.publisher import message_id_properties
 
     reference = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    reference.UserProperty = ("ztp-id", message_id)
-    ours = _MessageIdProperty(_user_property_prefix("ztp-id"), message_id)
+    reference.UserProperty = (name, message_id)
+    ours = message_id_properties(name)(message_id)
+    assert isinstance(ours, Properties), "aiomqtt's publish is typed for paho's Properties"
     assert ours.pack() == reference.pack()  # type: ignore[no-untyped-call]
     assert repr(message_id.encode())[2:-1] in str(ours)
+
+
+def test_message_id_properties_need_a_name() -> None:
+    from ztp_daemon.publisher import message_id_properties
+
+    with pytest.raises(UsageError):
+        message_id_properties("")
 
 
 def test_connect_error_is_a_transport_error() -> None:
