@@ -1102,11 +1102,12 @@ def test_shipped_model_declares_exactly_what_the_daemons_exchange() -> None:
     model = ApplicationModel.load()
     assert model.variables == {messages.REQUEST_PATH, messages.STATUS_PATH}
     assert model.settings == frozenset()
-    assert set(model.commands) == {messages.DELIVER_COMMAND}
+    assert set(model.commands) == {messages.DELIVER_COMMAND, messages.RENEW_COMMAND}
     count = messages.MAX_DELIVERY_FRAGMENTS
     assert model.commands[messages.DELIVER_COMMAND].parameters == {
         f"f{i:02d}" for i in range(1, count + 1)
     }
+    assert model.commands[messages.RENEW_COMMAND].parameters == frozenset()
     assert model.app_type == "io.ztp.gateway"
 
 

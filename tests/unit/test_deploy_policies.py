@@ -618,8 +618,10 @@ def test_documented_application_model_declares_what_the_daemons_exchange(tmp_pat
     (asset,) = root.iter("asset")
     declared = {f"{asset.get('id')}.{v.get('path')}" for v in asset.iter("variable")}
     assert declared == {messages.REQUEST_PATH, messages.STATUS_PATH}
-    (command,) = asset.iter("command")
-    assert f"{asset.get('id')}.{command.get('path')}" == messages.DELIVER_COMMAND
+    commands = {f"{asset.get('id')}.{c.get('path')}": c for c in asset.iter("command")}
+    assert set(commands) == {messages.DELIVER_COMMAND, messages.RENEW_COMMAND}
+    assert list(commands[messages.RENEW_COMMAND].iter("parameter")) == []
+    command = commands[messages.DELIVER_COMMAND]
     parameters = [p.get("id") for p in command.iter("parameter")]
     expected = [f"f{i:02d}" for i in range(1, messages.MAX_DELIVERY_FRAGMENTS + 1)]
     assert parameters == expected
@@ -738,6 +740,7 @@ def test_sandbox_model_declares_exactly_what_the_daemons_exchange() -> None:
     model = ApplicationModel.load()
     assert model.variables == {messages.REQUEST_PATH, messages.STATUS_PATH}
     assert model.settings == frozenset(), "the daemons never use AirVantage settings"
-    assert set(model.commands) == {messages.DELIVER_COMMAND}
+    assert set(model.commands) == {messages.DELIVER_COMMAND, messages.RENEW_COMMAND}
     expected = {f"f{i:02d}" for i in range(1, messages.MAX_DELIVERY_FRAGMENTS + 1)}
     assert model.commands[messages.DELIVER_COMMAND].parameters == expected
+    assert model.commands[messages.RENEW_COMMAND].parameters == frozenset()
