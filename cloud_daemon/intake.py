@@ -8,6 +8,11 @@ actions out. It never raises for anything a peer can send; whatever it cannot us
 
 For each record (:meth:`Intake.receive`):
 
+0. A record whose bytes name neither ``ztp.request``, ``ztp.status`` nor
+   ``event.operation.state.change`` can hold nothing for us (the connector streams every
+   communication of every system: telemetry, alerts, usage): it is ``Ignored(NOT_OURS)``
+   before any JSON decoding. The connector writes names as plain JSON text; a name spelled
+   with JSON escapes is not recognised.
 1. :func:`~shared.airvantage.parse_envelope`. An undecodable record is ``Ignored(MALFORMED)``;
    an operation state change becomes :class:`OperationChanged`; any other event is
    ``Ignored(NOT_OURS)``.
@@ -48,6 +53,7 @@ from cloud_daemon.validation import (
     validate_csr,
 )
 from shared.airvantage import (
+    OPERATION_STATE_CHANGE,
     IncomingCommunication,
     OperationStateChange,
     Scalar,
@@ -97,6 +103,9 @@ MAX_RECORD_BYTES: Final = 1024 * 1024
 """Kinesis's own bound on a record: anything smaller is parsed, so an oversized request is
 answered with a ``too_large`` refusal rather than dropped unanswered."""
 _DETAIL_CHARS: Final = 200
+# What a record must name, as text, to be worth decoding (step 0 of the theory of operation).
+_MARKERS: Final = (REQUEST_PATH, STATUS_PATH, OPERATION_STATE_CHANGE)
+_BYTE_MARKERS: Final = tuple(marker.encode() for marker in _MARKERS)
 
 
 class IgnoreReason(enum.StrEnum):
@@ -276,6 +285,8 @@ class Intake:
         """
         if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
             raise UsageError("now must be a finite number of seconds")
+        if not _names_ours(data):
+            return (Ignored(IgnoreReason.NOT_OURS, "no ztp path or operation event named"),)
         try:
             event = parse_envelope(data, max_bytes=self._max_record_bytes)
         except (DecodeError, LimitExceededError) as exc:
@@ -424,3 +435,10 @@ class Intake:
         if isinstance(report, Provisioned):
             return Confirm(event.system_uid, event.serial, report.request_id, report.certificate_id)
         return DeviceRejected(event.system_uid, event.serial, report.request_id, report.reason)
+
+
+def _names_ours(data: bytes | str) -> bool:
+    """Whether a record's text names one of our data paths or the operation event."""
+    if isinstance(data, str):
+        return any(marker in data for marker in _MARKERS)
+    return any(marker in data for marker in _BYTE_MARKERS)

@@ -231,6 +231,30 @@ def test_other_data_is_not_ours() -> None:
     assert action.reason is IgnoreReason.NOT_OURS
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json at all",
+        b'{"name": "event.system.incoming.communication", "content": {"temp.celsius": 21}',
+        '{"name": "event.alert", "date": 5}',
+        b"\xff\xfe" * 1000,
+    ],
+)
+def test_a_record_naming_nothing_of_ours_is_skipped_undecoded(data: bytes | str) -> None:
+    # Malformed or not: nothing in it could be a request, a status or an operation event.
+    action = only(Intake().receive(data, now=0.0))
+    assert isinstance(action, Ignored)
+    assert action.reason is IgnoreReason.NOT_OURS
+
+
+def test_a_record_naming_ours_is_still_decoded() -> None:
+    for text in ("ztp.request", "ztp.status", "event.operation.state.change"):
+        data = b'{"broken": "' + text.encode()
+        action = only(Intake().receive(data, now=0.0))
+        assert isinstance(action, Ignored)
+        assert action.reason is IgnoreReason.MALFORMED, text
+
+
 def test_operation_events_are_passed_on() -> None:
     data = encode_envelope(OperationStateChange("op-1", "FINISHED", {"SUCCESS": 1}, 5))
     assert only(Intake().receive(data, now=0.0)) == OperationChanged(
