@@ -30,9 +30,9 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sandbox.airvantage import AckSeen, AirVantageEmulator, ApplicationModel, OperationState
 from sandbox.brokers import BrokerAddress, DeviceBroker
@@ -41,6 +41,7 @@ from shared.airvantage import IncomingCommunication, parse_envelope
 from shared.fragments import Completed, Reassembler
 from shared.messages import (
     DELIVER_COMMAND,
+    RENEW_COMMAND,
     STATUS_PATH,
     CertificateDelivery,
     CertificateRequest,
@@ -216,8 +217,13 @@ class Cloud:
         other_key: bool = False,
         common_name: str | None = None,
         expired: bool = False,
+        lifetime: dt.timedelta | None = None,
     ) -> Issued:
-        """Sign the request's CSR with the sandbox CA, or a deliberately wrong variant of it."""
+        """Sign the request's CSR with the sandbox CA, or a deliberately wrong variant of it.
+
+        With ``lifetime``, the certificate is valid from one second ago for exactly that long
+        (a short-lived certificate, for the automatic renewal).
+        """
         csr = x509.load_pem_x509_csr(request.csr_pem.encode("ascii"))
         public_key = csr.public_key()
         if other_key:
@@ -226,6 +232,25 @@ class Cloud:
         if common_name is not None:
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = dt.datetime.now(dt.UTC)
+        if lifetime is not None:
+            start = now - dt.timedelta(seconds=1)
+            short = (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(self.pki.ca_cert.subject)
+                .public_key(public_key)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(start)
+                .not_valid_after(start + lifetime)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(
+                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+                )
+                .sign(self.pki.ca_key, hashes.SHA256())
+            )
+            return Issued(
+                short.public_bytes(serialization.Encoding.PEM).decode(), certificate_id_of(short)
+            )
         cert = issue_certificate(
             public_key=public_key,
             subject=subject,
@@ -276,6 +301,10 @@ class Cloud:
         body = {"systems": {"uids": [system]}, "commandId": command, "parameters": dict(params)}
         answer = await self._api("/api/v1/operations/systems/command", body)
         return str(answer["operation"])
+
+    async def renew(self) -> str:
+        """Ask the gateway to renew its certificate, as an operator would; return the operation."""
+        return await self.command({}, command=RENEW_COMMAND)
 
     async def settings(self, settings: Mapping[str, str]) -> str:
         """Create a settings operation for the gateway; return the operation uid."""
