@@ -457,6 +457,8 @@ def test_cli_help_status_and_a_bad_configuration(tmp_path: Path, pki: SandboxPki
     run_help = run_cli("run", "--help")
     assert run_help.returncode == 0
     assert "ZTP_AIRVANTAGE_PASSWORD_FILE" in run_help.stdout
+    assert "ZTP_RENEWAL_AT_FRACTION" in run_help.stdout
+    assert "ztp.renew" in top.stdout
 
     fresh = run_cli("status", "--state-dir", str(tmp_path / "none"))
     assert fresh.returncode == 0
@@ -491,6 +493,26 @@ def test_cli_help_status_and_a_bad_configuration(tmp_path: Path, pki: SandboxPki
         "SN-STATUS",
         3,
     )
+    assert report["renewal_in_progress"] is False
+
+    # A gateway renewing: the person reading sees that the old certificate stays in use.
+    key2 = ec.generate_private_key(ec.SECP256R1())
+    csr2 = build_csr(key2, CsrSubject("SN-STATUS"))
+    StateFile(tmp_path / "renewing").save(
+        StateRecord(
+            State.RENEW_SENT,
+            request_id_for(csr2),
+            csr2,
+            attempts=1,
+            bundle_version=1,
+            certificate_id="c" * 64,
+            renew_at=1_900_000_000.0,
+        )
+    )
+    renewing = run_cli("status", "--state-dir", str(tmp_path / "renewing"))
+    assert renewing.returncode == 0
+    assert "renew_sent" in renewing.stdout
+    assert "renewal:             in progress" in renewing.stdout
 
     # No password anywhere: refused by key before anything starts, the secret never echoed.
     missing = run_cli("run", "--config", str(config))
