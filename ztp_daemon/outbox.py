@@ -25,7 +25,7 @@ Two layers, as everywhere in the daemon:
   arrived while it was busy and commits them in *one* transaction (group commit), then wakes the
   callers of that transaction. Rows go in multi-row statements, so the thread re-takes the GIL
   once per statement rather than once per row. Deletes after PUBACKs are not urgent (a lost
-  one only means a duplicate after a crash): they wait up to 20 ms for the next transaction
+  one only means a duplicate after a crash): they wait up to 100 ms for the next transaction
   instead of waking the thread on every loop turn, and PUBACKs come nearly in order, so runs
   of consecutive seqs are deleted as ranges (``BETWEEN``), the rest by an ``IN`` list.
 
@@ -103,7 +103,7 @@ _INSERT_CHUNK: Final = 150  # rows per INSERT statement (5 parameters each)
 _DELETE_CHUNK: Final = 500
 _FETCH_BATCH: Final = 256
 _TOPIC_CACHE: Final = 1024
-_DELETE_DELAY: Final = 0.02  # seconds an acked row may wait for its DELETE
+_DELETE_DELAY: Final = 0.1  # seconds an acked row may wait for its DELETE
 
 _log = structlog.get_logger()
 
@@ -218,29 +218,16 @@ class StoredMessage:
     qos: int
 
 
+# StoredMessage built without its frozen __init__ (Outbox.take_nowait, once per message sent):
+# the generated __init__ of a frozen dataclass sets each field through object.__setattr__, ~1 µs
+# per message; setting the slots through their descriptors is the same assignment at half the
+# cost. The class has no validation to skip: the outbox checked everything at admission.
 _new_object = object.__new__
 _SET_SEQ = StoredMessage.__dict__["seq"].__set__
 _SET_MESSAGE_ID = StoredMessage.__dict__["message_id"].__set__
 _SET_TOPIC = StoredMessage.__dict__["topic"].__set__
 _SET_PAYLOAD = StoredMessage.__dict__["payload"].__set__
 _SET_QOS = StoredMessage.__dict__["qos"].__set__
-
-
-def _stored_message(seq: int, message_id: str, topic: str, payload: bytes) -> StoredMessage:
-    """A :class:`StoredMessage` built without its frozen ``__init__``.
-
-    The generated ``__init__`` of a frozen dataclass sets each field through
-    ``object.__setattr__``, ~1 µs per message on the publisher's hot path; setting the slots
-    through their descriptors is the same assignment at half the cost. The class has no
-    validation to skip: the outbox checked everything when the message was admitted.
-    """
-    message = _new_object(StoredMessage)
-    _SET_SEQ(message, seq)
-    _SET_MESSAGE_ID(message, message_id)
-    _SET_TOPIC(message, topic)
-    _SET_PAYLOAD(message, payload)
-    _SET_QOS(message, 1)
-    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -869,15 +856,31 @@ def _delete_runs(seqs: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     PUBACKs arrive nearly in order, so a transaction's deletes are mostly a few long runs; one
     range scan per run costs SQLite far less than binding and looking up every seq.
     """
-    ordered = sorted(seqs)
+    ordered = sorted(set(seqs))  # a seq deleted twice is deleted once
     singles: list[int] = []
     ranges: list[tuple[int, int]] = []
+    if not ordered:
+        return singles, ranges
+    # Where runs end, found by bisection: a stretch of distinct sorted ints is one run exactly
+    # when its ends are as far apart as its length says, so in-order PUBACKs cost one check for
+    # the whole transaction rather than a Python step per seq (this runs holding the GIL).
+    ends: list[int] = []
+
+    def find_ends(lo: int, hi: int) -> None:
+        if ordered[hi] - ordered[lo] == hi - lo:
+            return
+        if hi - lo == 1:
+            ends.append(lo)
+            return
+        mid = (lo + hi) // 2
+        find_ends(lo, mid)
+        find_ends(mid, hi)
+
+    last = len(ordered) - 1
+    find_ends(0, last)
+    ends.append(last)
     start = 0
-    count = len(ordered)
-    while start < count:
-        end = start
-        while end + 1 < count and ordered[end + 1] == ordered[end] + 1:
-            end += 1
+    for end in ends:
         if end - start + 1 >= _MIN_RUN:
             ranges.append((ordered[start], ordered[end]))
         else:
@@ -1234,7 +1237,13 @@ class Outbox:
         if core.in_flight == 1:  # it was 0: no longer idle
             self._idle.clear()
         # Built when taken, not when staged: it lives only while in flight (at most 100).
-        return _stored_message(seq, f"{self._uid}-{seq}", self._topics[seq], payloads[seq])
+        message = _new_object(StoredMessage)
+        _SET_SEQ(message, seq)
+        _SET_MESSAGE_ID(message, f"{self._uid}-{seq}")
+        _SET_TOPIC(message, self._topics[seq])
+        _SET_PAYLOAD(message, payloads[seq])
+        _SET_QOS(message, 1)
+        return message
 
     async def next_message(self) -> StoredMessage:
         """Wait for the next message to publish (within the in-flight bound) and take it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sqlite3
@@ -371,12 +372,23 @@ def test_core_take_head_if_takes_only_a_sendable_ready_head() -> None:
     assert core.bytes == 50
 
 
-@given(seqs=st.lists(st.integers(1, 60), max_size=120))
+_RUNS = st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 300)), max_size=8).map(
+    lambda runs: [seq for first, length in runs for seq in range(first, first + length)]
+)
+
+
+@given(seqs=st.one_of(st.lists(st.integers(1, 60), max_size=120), _RUNS))
 def test_delete_runs_cover_every_seq_once(seqs: list[int]) -> None:
     singles, ranges = _delete_runs(seqs)
     expanded = [seq for first, last in ranges for seq in range(first, last + 1)]
-    assert sorted(singles + expanded) == sorted(seqs)
+    assert sorted(singles + expanded) == sorted(set(seqs)), "every seq once, nothing else"
     assert all(last - first + 1 >= 8 for first, last in ranges)
+    # Maximal: no run of 8 consecutive seqs is left in the IN list, and ranges never touch.
+    lone = set(singles)
+    assert not any(all(seq + k in lone for k in range(8)) for seq in lone)
+    bounds = sorted(ranges)
+    assert all(a_last + 1 < b_first for (_, a_last), (b_first, _) in itertools.pairwise(bounds))
+    assert not any(first - 1 in lone or last + 1 in lone for first, last in ranges)
 
 
 def test_delete_runs_of_in_order_acks_are_ranges() -> None:
