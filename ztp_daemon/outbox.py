@@ -1102,6 +1102,9 @@ class Outbox:
         if admission.dropped:
             self._dropped(admission.dropped)
         future: asyncio.Future[list[str]] = loop.create_future()
+        if not payloads:
+            future.set_result([])  # nothing to commit: no transaction would resolve it
+            return future
         request = self._request
         start = len(request.seqs)
         seqs = admission.seqs

@@ -498,6 +498,7 @@ async def test_submit_many_commits_together_in_order(tmp_path: Path) -> None:
             outbox.submit_many("dt/t/x", [b"x"] * 8)
         with pytest.raises(TopicError):
             outbox.submit_many("dt/+/x", [b"x"])
+        assert await asyncio.wait_for(outbox.submit_many("dt/t/x", []), 1) == []
         assert outbox.stats().depth == 3
     async with Outbox(path) as outbox:
         assert [m[1] for m in await drain(outbox)] == [b"a", b"b", b"c"]
