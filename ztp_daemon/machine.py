@@ -55,11 +55,13 @@ Tasks are interpreted before the table applies: a :class:`TaskReceived` is fed t
 :mod:`shared.fragments` and :mod:`shared.messages`) and, when a delivery is
 complete, to :func:`~ztp_daemon.verify.verify_certificate`. The result is one *outcome* event
 (:class:`FragmentHeld`, :class:`CertificateVerified`, :class:`DeliveryFailed`,
-:class:`TaskRefused`, :class:`TaskRepeated`), and the table decides what that outcome may do in the
-current state. Outcomes are internal: the driver cannot feed them. Interpretation knows the
-state, so every task gets an answer: a task the state cannot use is refused with an ERROR ack
-(``no request outstanding``, ``already provisioned``, a decoding error...). A verified delivery is
-acked only once its bundle is committed and recorded, so a daemon killed before gets it again.
+:class:`TaskRefused`, :class:`TaskRepeated`, :class:`RenewRequested`; in PROVISIONED a
+``TimerFired`` becomes :class:`RenewalDue` or :class:`RenewalNotDue`), and the table decides
+what that outcome may do in the current state. Outcomes are internal: the driver cannot feed
+them. Interpretation knows the state, so every task gets an answer: a task the state cannot use
+is refused with an ERROR ack (``no request outstanding``, ``already provisioned``, a decoding
+error...). A verified delivery is acked only once its bundle is committed and recorded, so a
+daemon killed before gets it again.
 
 Durability and resume: the machine emits :class:`Persist` with a :class:`StateRecord` when it has
 made a key and CSR, on each send of the request, on entering WAITING_RETRY, and once provisioned.
@@ -90,8 +92,9 @@ records (``bundle_version``, ``certificate_id``, validity), so a daemon killed m
 resumes with the same new key and CSR, and starts the publisher on the committed bundle at once
 (:class:`StartPublisher` comes first on resume). Retries, backoff and refusals behave as in
 first provisioning; a refused renewal never touches the bundle in use. A renewal whose key or
-first record cannot be stored goes back to PROVISIONED (the old record), acks the command ERROR,
-and tries again with backoff, no earlier than the due time.
+first record cannot be stored goes back to PROVISIONED (the old record) and acks the command
+ERROR; with automatic renewal on, it tries again at the due time, and never sooner than a
+backoff (a renewal the operator asked for early waits for the next command).
 
 Retry timing: the first send waits ``delivery_timeout`` (60 s) for a delivery; each later wait is
 exponential backoff with full jitter, ``uniform(0, min(retry_cap, delivery_timeout * 2**(n-1)))``
