@@ -46,6 +46,7 @@ from shared.messages import (
     CertificateDelivery,
     CertificateRequest,
     Provisioned,
+    Rejected,
     StatusReport,
     decode_request,
     decode_status,
@@ -271,6 +272,15 @@ class Cloud:
         )
         return delivery_params(
             delivery, transfer_id=f"t{uuid.uuid4().hex[:12]}", seq=self._transfers
+        )
+
+    def refusal_params(self, request: CertificateRequest, reason: str) -> dict[str, str]:
+        """The ``ztp.deliver`` parameters of the cloud refusing the request."""
+        self._transfers += 1
+        return delivery_params(
+            Rejected(request.request_id, reason),
+            transfer_id=f"t{uuid.uuid4().hex[:12]}",
+            seq=self._transfers,
         )
 
     # -- delivering -----------------------------------------------------------------------------

@@ -246,6 +246,15 @@ async def test_operator_renewal_rotates_key_and_certificate_and_loses_no_message
     assert again.status == "OK"
     assert {r.csr_pem for r in (await cloud.requests())[1:]} == {second.csr_pem}
 
+    # The cloud refuses the renewal: the gateway waits to ask again, still on bundle 1.
+    mark = len(daemon.lines)
+    [refused] = await cloud.acks(await cloud.command(cloud.refusal_params(second, "not now")))
+    assert refused.status == "OK"
+    await daemon.wait_state("renew_waiting", after=mark)
+    assert (directory / "bundles" / "current").readlink() == Path("v000001")
+    await feed.send(5)
+    await feed.all_received(observer, seen)
+
     # The new certificate: bundle 2 committed and reported; the publisher reconnects with it
     # while messages keep coming in, and none is lost.
     mark = len(daemon.lines)
@@ -262,7 +271,7 @@ async def test_operator_renewal_rotates_key_and_certificate_and_loses_no_message
     await switched
     await feed.send(5)
     await feed.all_received(observer, seen)
-    assert feed.sent >= 27
+    assert feed.sent >= 32
 
     bundles = directory / "bundles"
     assert (bundles / "current").readlink() == Path("v000002")
