@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -448,11 +449,34 @@ async def test_acks_in_runs_and_out_of_order_delete_exactly_their_rows(tmp_path:
                 if acked.seq not in keep:
                     outbox.ack(acked.seq)
             rounds += 1
-            await asyncio.sleep(0.05)  # the deletes' transaction (they wait up to 20 ms)
+            await asyncio.sleep(0.15)  # the deletes' transaction (they wait up to 100 ms)
         assert rounds >= 3
         assert outbox.stats().depth == len(keep)
     async with Outbox(path) as outbox:
         assert sorted(int(m[2].rsplit("-", 1)[1]) for m in await drain(outbox)) == sorted(keep)
+
+
+async def test_acked_rows_leave_the_file_soon_without_further_traffic(tmp_path: Path) -> None:
+    """Deletes wait for a timer (up to 100 ms), not for the next insert or the close."""
+    path = tmp_path / "outbox.db"
+
+    def rows() -> int:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            count: int = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            return count
+
+    async with Outbox(path) as outbox:
+        await outbox.submit_many("dt/t/x", [b"a", b"b"])
+        assert rows() == 2
+        first = outbox.take_nowait()
+        assert first is not None
+        outbox.ack(first.seq)
+        assert rows() == 2, "a PUBACK's delete waits to share a transaction"
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while rows() != 1:
+            assert asyncio.get_running_loop().time() < deadline, "the acked row stayed"
+            await asyncio.sleep(0.02)
+        assert outbox.stats().depth == 1
 
 
 async def test_in_flight_at_close_is_sent_again(tmp_path: Path) -> None:
