@@ -46,11 +46,14 @@ is configured) normally ends the follow-up first, so an operation is polled only
 seconds after it was created (the answer may be waiting behind a burst of requests in the
 shard: a minute covers a thousand gateways at IoT's quota), then again after twice that wait,
 doubling up to ``poll_cap``; a failed send is retried after ``poll_interval``, doubling. An
-operation whose counters say FAILURE, or that
-stays pending past ``operation_timeout``, is sent again as a new operation (same fragments, same
-transfer id: the device takes a second copy for the duplicate it is) until ``attempts``
-operations were created, then given up and logged. A confirmation from the device ends the
-follow-up whatever the operation says.
+operation whose counters say FAILURE, or that stays pending past ``operation_timeout``, is sent
+again as a new operation (same fragments, same transfer id: the device takes a second copy for
+the duplicate it is) until ``attempts`` operations were created, then given up and logged. A
+confirmation from the device ends the follow-up whatever the operation says.
+
+:class:`DeliveryLoop` drives the tracker: it sleeps until the next step falls due, and a send,
+settle or operation event wakes it only when that brings a step due sooner (a burst sends and
+settles thousands of deliveries, none due for a minute).
 """
 
 from __future__ import annotations
