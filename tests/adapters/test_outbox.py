@@ -606,6 +606,63 @@ async def test_next_message_waits_for_a_commit_and_respects_in_flight(tmp_path: 
         await asyncio.wait_for(outbox.wait_idle(), 1)
 
 
+class _CountingOutbox(Outbox):
+    """Counts the senders' attempts to take a message (each wake-up of a waiting sender makes
+    one)."""
+
+    attempts = 0
+
+    def take_nowait(self) -> StoredMessage | None:
+        self.attempts += 1
+        return super().take_nowait()
+
+
+async def test_a_trickle_wakes_one_waiting_sender_per_message(tmp_path: Path) -> None:
+    """Idle senders are not all woken by each commit and each PUBACK (a thundering herd)."""
+    senders, count = 50, 20
+    sent: list[bytes] = []
+    async with _CountingOutbox(tmp_path / "o.db") as outbox:
+
+        async def sender() -> None:
+            while True:
+                message = await outbox.next_message()
+                sent.append(message.payload)
+                outbox.ack(message.seq)
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(sender()) for _ in range(senders)]
+            for _ in range(3):
+                await asyncio.sleep(0)  # every sender is waiting now
+            before = outbox.attempts
+            for index in range(count):
+                await outbox.put("dt/t/x", f"m{index}".encode())
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            for task in tasks:
+                task.cancel()
+        assert sent == [f"m{index}".encode() for index in range(count)]
+        # One wake-up per message, and the sender that took it looks once more before waiting.
+        assert outbox.attempts - before <= 3 * count, f"{outbox.attempts - before} attempts"
+
+
+async def test_a_woken_sender_cancelled_before_it_runs_hands_the_message_on(
+    tmp_path: Path,
+) -> None:
+    async with Outbox(tmp_path / "o.db") as outbox:
+        first = asyncio.create_task(outbox.next_message())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(outbox.next_message())
+        await asyncio.sleep(0)
+        # The commit wakes the oldest sender and resolves the put; this task runs first and
+        # cancels that sender before it could take the message.
+        await outbox.put("dt/t/x", b"only")
+        assert not first.done()
+        first.cancel()
+        assert (await asyncio.wait_for(second, 2)).payload == b"only"
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
 async def test_closing_wakes_waiting_senders(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "o.db") as outbox:
         waiter = asyncio.create_task(outbox.next_message())
