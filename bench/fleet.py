@@ -67,6 +67,7 @@ IOT_TPS: Final = 15.0
 _PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
 _READY_TIMEOUT: Final = 60.0
 _PROVISIONED: Final = "provisioned"
+_STOP_TIMEOUT: Final = 30.0  # seconds the supervisors of a burst get to stop after it
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,13 +161,26 @@ async def _burst(
             failed[serial] = f"{type(exc).__name__}: {exc}"
 
     async with asyncio.TaskGroup() as group:
-        for config, (serial, _) in zip(configs, devices, strict=True):
+        tasks = [
             group.create_task(one(config, serial), name=f"bench.device.{serial}")
+            for config, (serial, _) in zip(configs, devices, strict=True)
+        ]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 await watch.done.wait()
         cpu = time.process_time() - cpu
         stop.set()
+        # The figures are taken: a supervisor that does not stop in time must not hang the
+        # benchmark (it is named on stderr, a device-side finding of its own).
+        _, late = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
+        if late:
+            names = sorted(task.get_name() for task in late)
+            sys.stderr.write(
+                f"device: {len(late)} supervisors did not stop within {_STOP_TIMEOUT:g} s after"
+                f" shutdown, cancelled: {', '.join(names[:5])}\n"
+            )
+            for task in late:
+                task.cancel("bench: the supervisor did not stop after shutdown")
     for serial, _ in devices:
         if serial not in watch.provisioned and serial not in failed:
             failed[serial] = f"not provisioned within {within:g} s"
