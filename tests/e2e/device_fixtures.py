@@ -7,6 +7,8 @@ as a real ``ztp-daemon`` process.
   through the emulator's REST command operation, reading the device's acks back.
 - :class:`Daemon` runs ``python -m ztp_daemon run --config FILE`` with its logs on stderr, reads
   every log line as it comes (tests wait for a line, never sleep), and can SIGKILL it.
+- :func:`state_dir`, :func:`public_key_of_csr`, :func:`public_key_of_pem` and
+  :func:`assert_no_secrets` are what the tests check a gateway with.
 """
 
 from __future__ import annotations
@@ -63,8 +65,12 @@ __all__ = [
     "Cloud",
     "Daemon",
     "Issued",
+    "assert_no_secrets",
     "daemon_config",
     "open_cloud",
+    "public_key_of_csr",
+    "public_key_of_pem",
+    "state_dir",
     "status_json",
     "ztp_model",
 ]
@@ -553,3 +559,34 @@ def status_json(config: Path) -> dict[str, Any]:
     )
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def state_dir(daemon: Daemon) -> Path:
+    return daemon.config.parent / "state"
+
+
+def public_key_of_csr(request: CertificateRequest) -> bytes:
+    csr = x509.load_pem_x509_csr(request.csr_pem.encode())
+    return csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_key_of_pem(key_pem: bytes) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def assert_no_secrets(daemon: Daemon, cloud: Cloud, password: str, *key_pems: bytes) -> None:
+    text = daemon.text()
+    assert daemon.lines, "the daemon logged nothing"
+    assert password not in text
+    assert "PRIVATE KEY" not in text
+    assert cloud.token
+    assert cloud.token not in text
+    for pem in key_pems:
+        for line in pem.decode().splitlines():
+            if "-----" not in line and len(line) >= 16:
+                assert line not in text

@@ -19,30 +19,31 @@ import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sandbox.brokers import DeviceBroker, IotBroker, client_tls_context
 from sandbox.pki import SandboxPki
-from shared.messages import CertificateRequest, Provisioned, Rejected
-from tests.adapters.kinesis_fixtures import moto_server
+from shared.messages import Provisioned, Rejected
 from tests.e2e.device_fixtures import (
     ENDPOINT,
     OTHER_COMMAND,
     Cloud,
     Daemon,
+    assert_no_secrets,
     daemon_config,
     open_cloud,
+    public_key_of_csr,
+    public_key_of_pem,
+    state_dir,
     status_json,
 )
-from tests.sandbox.conftest import running_on_private_loops
 from ztp_daemon.bundle import Bundle
 from ztp_daemon.config import load_device_config
 from ztp_daemon.csr import CsrSubject, build_csr
@@ -50,33 +51,6 @@ from ztp_daemon.link import CONNECTION_TASK_NAME
 from ztp_daemon.machine import State, StateRecord, request_id_for
 from ztp_daemon.state import StateFile
 from ztp_daemon.supervisor import MACHINE_TASK_NAME, PUBLISHER_TASK_NAME, serve
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
-    return SandboxPki.load_or_create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[DeviceBroker]:
-    with running_on_private_loops(
-        DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def iot_broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[IotBroker]:
-    with running_on_private_loops(
-        IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=pki)
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture
@@ -93,16 +67,6 @@ def password() -> str:
 def identity(serial: str, password: str) -> tuple[str, str]:
     """The gateway's serial and AirVantage password, together."""
     return serial, password
-
-
-@pytest.fixture
-async def cloud(
-    broker: DeviceBroker, pki: SandboxPki, moto_endpoint: str, serial: str, password: str
-) -> AsyncIterator[Cloud]:
-    async with open_cloud(
-        broker=broker, pki=pki, aws_endpoint_url=moto_endpoint, serial=serial, password=password
-    ) as playing:
-        yield playing
 
 
 @pytest.fixture
@@ -128,39 +92,8 @@ async def daemon(
         await process.kill()
 
 
-def state_dir(daemon: Daemon) -> Path:
-    return daemon.config.parent / "state"
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def assert_no_secrets(daemon: Daemon, cloud: Cloud, password: str, *key_pems: bytes) -> None:
-    text = daemon.text()
-    assert daemon.lines, "the daemon logged nothing"
-    assert password not in text
-    assert "PRIVATE KEY" not in text
-    assert cloud.token
-    assert cloud.token not in text
-    for pem in key_pems:
-        for line in pem.decode().splitlines():
-            if "-----" not in line and len(line) >= 16:
-                assert line not in text
-
-
-def public_key_of_csr(request: CertificateRequest) -> bytes:
-    csr = x509.load_pem_x509_csr(request.csr_pem.encode())
-    return csr.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def public_key_of_pem(key_pem: bytes) -> bytes:
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def corrupt(params: dict[str, str]) -> dict[str, str]:

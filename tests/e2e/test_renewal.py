@@ -11,50 +11,30 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from sandbox.brokers import DeviceBroker, IotBroker, client_tls_context
 from sandbox.pki import SandboxPki
 from shared.messages import CertificateRequest, Provisioned
-from tests.adapters.kinesis_fixtures import moto_server
-from tests.e2e.device_fixtures import Cloud, Daemon, Issued, daemon_config, open_cloud, status_json
-from tests.sandbox.conftest import running_on_private_loops
+from tests.e2e.device_fixtures import (
+    Cloud,
+    Daemon,
+    Issued,
+    assert_no_secrets,
+    daemon_config,
+    public_key_of_csr,
+    public_key_of_pem,
+    state_dir,
+    status_json,
+)
 
 pytestmark = pytest.mark.slow  # each test waits for the publisher's 5 s credential poll
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPki:
-    return SandboxPki.load_or_create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[DeviceBroker]:
-    with running_on_private_loops(
-        DeviceBroker(tmp_path_factory.mktemp("device-broker"), pki=pki)
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def iot_broker(tmp_path_factory: pytest.TempPathFactory, pki: SandboxPki) -> Iterator[IotBroker]:
-    with running_on_private_loops(
-        IotBroker(tmp_path_factory.mktemp("iot-broker"), pki=pki)
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture
@@ -66,16 +46,6 @@ def serial(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def password(serial: str) -> str:
     return f"av-renew-{serial.lower()}-pw"
-
-
-@pytest.fixture
-async def cloud(
-    broker: DeviceBroker, pki: SandboxPki, moto_endpoint: str, serial: str, password: str
-) -> AsyncIterator[Cloud]:
-    async with open_cloud(
-        broker=broker, pki=pki, aws_endpoint_url=moto_endpoint, serial=serial, password=password
-    ) as playing:
-        yield playing
 
 
 @pytest.fixture
@@ -115,42 +85,11 @@ async def observer(iot_broker: IotBroker, serial: str) -> AsyncIterator[aiomqtt.
         yield client
 
 
-def state_dir(daemon: Daemon) -> Path:
-    return daemon.config.parent / "state"
-
-
-def public_key_of_csr(request: CertificateRequest) -> bytes:
-    csr = x509.load_pem_x509_csr(request.csr_pem.encode())
-    return csr.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def public_key_of_pem(key_pem: bytes) -> bytes:
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def common_name(request: CertificateRequest) -> str:
     csr = x509.load_pem_x509_csr(request.csr_pem.encode())
     value = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert isinstance(value, str)
     return value
-
-
-def assert_no_secrets(daemon: Daemon, cloud: Cloud, password: str, *key_pems: bytes) -> None:
-    text = daemon.text()
-    assert daemon.lines, "the daemon logged nothing"
-    assert password not in text
-    assert "PRIVATE KEY" not in text
-    assert cloud.token
-    assert cloud.token not in text
-    for pem in key_pems:
-        for line in pem.decode().splitlines():
-            if "-----" not in line and len(line) >= 16:
-                assert line not in text
 
 
 def connected(line: str) -> bool:
