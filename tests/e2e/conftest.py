@@ -1,20 +1,22 @@
 """Peers shared by the device daemon's end-to-end tests: one of each per test module.
 
 The device broker and the IoT broker (mosquitto) and a moto server, started once per module;
-``cloud`` plays the cloud through the AirVantage emulator for the module's ``serial`` and
-``password`` fixtures, which each module defines.
+``cloud`` plays the cloud through the AirVantage emulator and ``daemon`` is the gateway's
+``ztp-daemon`` process (not started), both for the module's ``serial`` and ``password``
+fixtures, which each module defines.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from sandbox.brokers import DeviceBroker, IotBroker
 from sandbox.pki import SandboxPki
 from tests.adapters.kinesis_fixtures import moto_server
-from tests.e2e.device_fixtures import Cloud, open_cloud
+from tests.e2e.device_fixtures import Cloud, Daemon, daemon_config, open_cloud
 from tests.sandbox.conftest import running_on_private_loops
 
 
@@ -53,3 +55,32 @@ async def cloud(
         broker=broker, pki=pki, aws_endpoint_url=moto_endpoint, serial=serial, password=password
     ) as playing:
         yield playing
+
+
+@pytest.fixture
+def identity(serial: str, password: str) -> tuple[str, str]:
+    """The gateway's serial and AirVantage password, together."""
+    return serial, password
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path,
+    broker: DeviceBroker,
+    iot_broker: IotBroker,
+    pki: SandboxPki,
+    identity: tuple[str, str],
+) -> AsyncIterator[Daemon]:
+    serial, password = identity
+    config = daemon_config(
+        tmp_path / "gateway",
+        serial=serial,
+        password=password,
+        broker=broker,
+        pki=pki,
+        iot=iot_broker.address,
+    )
+    process = Daemon(config, tmp_path / "daemon.log")
+    yield process
+    if process.running:
+        await process.kill()

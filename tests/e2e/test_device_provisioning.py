@@ -63,35 +63,6 @@ def password() -> str:
     return f"av-{uuid.uuid4().hex}"
 
 
-@pytest.fixture
-def identity(serial: str, password: str) -> tuple[str, str]:
-    """The gateway's serial and AirVantage password, together."""
-    return serial, password
-
-
-@pytest.fixture
-async def daemon(
-    tmp_path: Path,
-    broker: DeviceBroker,
-    iot_broker: IotBroker,
-    pki: SandboxPki,
-    identity: tuple[str, str],
-) -> AsyncIterator[Daemon]:
-    serial, password = identity
-    config = daemon_config(
-        tmp_path / "gateway",
-        serial=serial,
-        password=password,
-        broker=broker,
-        pki=pki,
-        iot=iot_broker.address,
-    )
-    process = Daemon(config, tmp_path / "daemon.log")
-    yield process
-    if process.running:
-        await process.kill()
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

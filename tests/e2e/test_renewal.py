@@ -19,15 +19,13 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from sandbox.brokers import DeviceBroker, IotBroker, client_tls_context
-from sandbox.pki import SandboxPki
+from sandbox.brokers import IotBroker, client_tls_context
 from shared.messages import CertificateRequest, Provisioned
 from tests.e2e.device_fixtures import (
     Cloud,
     Daemon,
     Issued,
     assert_no_secrets,
-    daemon_config,
     public_key_of_csr,
     public_key_of_pem,
     state_dir,
@@ -46,29 +44,6 @@ def serial(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def password(serial: str) -> str:
     return f"av-renew-{serial.lower()}-pw"
-
-
-@pytest.fixture
-async def daemon(  # noqa: PLR0917 - pytest passes fixtures positionally
-    tmp_path: Path,
-    broker: DeviceBroker,
-    iot_broker: IotBroker,
-    pki: SandboxPki,
-    serial: str,
-    password: str,
-) -> AsyncIterator[Daemon]:
-    config = daemon_config(
-        tmp_path / "gateway",
-        serial=serial,
-        password=password,
-        broker=broker,
-        pki=pki,
-        iot=iot_broker.address,
-    )
-    process = Daemon(config, tmp_path / "daemon.log")
-    yield process
-    if process.running:
-        await process.kill()
 
 
 @pytest.fixture
