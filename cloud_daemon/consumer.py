@@ -6,15 +6,21 @@ Theory of operation
 :class:`StreamConsumer` is an async context manager owning one :class:`asyncio.TaskGroup`:
 
 - ``kinesis-discovery``: every ``discovery_interval`` (and at once when a shard finishes) it
-  lists the shards (``ListShards``, paginated), reads the lease table, asks the pure core
+  lists the shards (``ListShards``, paginated), reads the lease table, tells the pure core which
+  leases have lapsed (:class:`cloud_daemon.lineage.LeaseExpiry`: a counter unchanged for a whole
+  ``lease_duration`` on this worker's monotonic clock; wall clocks play no part), asks it
   (:func:`cloud_daemon.lineage.plan_assignment`) which leases to claim, claims them with
   conditional writes, and starts a reader for each lease won. A child shard is ready only when
   all its parents are finished, so records of one partition key stay in order across splits
-  and merges.
-- ``kinesis-renewal``: every ``renew_interval`` it renews every lease held. A lease taken over
-  by another worker (:class:`~cloud_daemon.errors.LeaseLostError`), or one we could not renew
-  before it lapsed, stops its reader at once: a worker never reads a shard it cannot prove it
-  owns.
+  and merges. Then it deletes the finished rows that no longer order any child
+  (:func:`cloud_daemon.lineage.plan_cleanup`), each on condition that it is finished.
+- ``kinesis-renewal``: every ``renew_interval`` it renews every lease held (each renewal bumps
+  the counter the other workers watch). A lease taken over by another worker
+  (:class:`~cloud_daemon.errors.LeaseLostError`), or one we could not renew in time, stops its
+  reader at once: a worker never reads a shard it cannot prove it owns. "In time" is measured
+  on the monotonic clock from when the last successful renewal was *sent*: no other worker can
+  have seen that counter earlier, so none can take the lease before a ``lease_duration`` has
+  passed since then, and the reader stops a ``renew_interval`` before that.
 - ``kinesis-shard-<id>``: one :class:`ShardConsumer` per owned shard. It starts from the
   checkpoint (``AFTER_SEQUENCE_NUMBER``) or the configured start, calls ``GetRecords`` at most
   once per ``poll_interval`` (0.2 s: AWS's 5 calls/s per shard, plus a small margin), waits
@@ -73,10 +79,12 @@ from cloud_daemon.errors import (
 from cloud_daemon.leases import LeaseStore, aws_errors
 from cloud_daemon.lineage import (
     Lease,
+    LeaseExpiry,
     ShardGraph,
     ShardInfo,
     parse_sequence_number,
     plan_assignment,
+    plan_cleanup,
 )
 from shared.errors import ConfigError, DecodeError, PeerError, TransportError, UsageError
 
@@ -139,7 +147,8 @@ class ConsumerConfig:
             is dead-lettered without further retries; ``None`` for no bound.
         throttle_backoff: the first backoff ceiling after a throttle or an AWS failure.
         throttle_backoff_cap: the largest one.
-        lease_duration: seconds a lease lasts without renewal.
+        lease_duration: seconds a lease's counter must stand still, on the watching worker's
+            monotonic clock, before that worker may take the lease (the same on every worker).
         renew_interval: seconds between renewals (default: a third of ``lease_duration``).
         discovery_interval: seconds between shard listings.
         drain_timeout: on shutdown, how long readers may take to finish their batch.
@@ -1100,6 +1109,7 @@ class ShardConsumer:
 class _Reader:
     lease: Lease
     stop: asyncio.Event
+    renewed_at: float  # monotonic time the last counter bump that succeeded was sent
     task: asyncio.Task[None] | None = None
 
 
@@ -1124,6 +1134,7 @@ class StreamConsumer:
         dead_letter: DeadLetterSink | None = None,
         on_ownership_change: Callable[[frozenset[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
         """Args:
@@ -1135,7 +1146,9 @@ class StreamConsumer:
             in the working directory when ``None``.
         on_ownership_change: called with the owned shards whenever they change (readiness,
             metrics, tests); it must not block.
-        clock: wall-clock time, seconds since the epoch (lease expiry, record age).
+        clock: wall-clock time, seconds since the epoch (record age, metrics); never used
+            for leases.
+        monotonic: a monotonic clock in seconds, for lease expiry and renewal deadlines.
         rand: uniform numbers in [0, 1) for backoff jitter.
         """
         self._kinesis = kinesis
@@ -1144,6 +1157,8 @@ class StreamConsumer:
         self._config = config
         self._dead_letter = dead_letter or JsonLinesDeadLetter(Path("dead-letters.jsonl"))
         self._clock = clock
+        self._monotonic = monotonic
+        self._expiry = LeaseExpiry(duration=config.lease_duration)
         self._rand = rand
         self._on_ownership_change = on_ownership_change
         self._readers: dict[str, _Reader] = {}
@@ -1271,19 +1286,18 @@ class StreamConsumer:
             graph=graph,
             leases=table,
             me=self._config.worker_id,
-            now=self._clock(),
+            lapsed=self._expiry.observe(table, self._monotonic()),
             allow_steal=self._config.allow_steal,
         )
         for claim in plan.claims:
             if self._closing or claim.shard_id in self._readers:
                 continue
+            sent = self._monotonic()
             try:
                 lease = await self._leases.acquire(
                     claim.shard_id,
                     owner=self._config.worker_id,
                     expected_counter=claim.expected_counter,
-                    now=self._clock(),
-                    duration=self._config.lease_duration,
                 )
             except LeaseTakenError:
                 continue
@@ -1296,15 +1310,23 @@ class StreamConsumer:
                 stolen_from=claim.stolen_from,
                 checkpoint=None if lease.checkpoint is None else str(lease.checkpoint),
             )
-            self._start_reader(lease)
+            self._start_reader(lease, sent)
+        if not self._closing:
+            await self._clean_up(graph, table)
+
+    async def _clean_up(self, graph: ShardGraph, table: Mapping[str, Lease]) -> None:
+        """Delete the finished rows no child needs any more (conditional: races are harmless)."""
+        for shard_id in plan_cleanup(graph=graph, leases=table):
+            if await self._leases.delete_finished(shard_id):
+                _log.info("consumer.lease_deleted", shard=shard_id, listed=shard_id in graph.shards)
 
     def _is_closing(self) -> bool:
         return self._closing
 
-    def _start_reader(self, lease: Lease) -> None:
+    def _start_reader(self, lease: Lease, sent: float) -> None:
         if self._tasks is None:  # pragma: no cover - discovery runs only inside the block
             return
-        reader = _Reader(lease, asyncio.Event())
+        reader = _Reader(lease, asyncio.Event(), sent)
         self._readers[lease.shard_id] = reader
         reader.task = self._tasks.create_task(
             self._run_reader(reader), name=f"kinesis-shard-{lease.shard_id}"
@@ -1357,21 +1379,20 @@ class StreamConsumer:
                 await self._renew(shard_id, reader)
 
     async def _renew(self, shard_id: str, reader: _Reader) -> None:
-        now = self._clock()
+        sent = self._monotonic()
         try:
-            reader.lease = await self._leases.renew(
-                shard_id,
-                owner=self._config.worker_id,
-                now=now,
-                duration=self._config.lease_duration,
-            )
+            reader.lease = await self._leases.renew(shard_id, owner=self._config.worker_id)
         except LeaseLostError:
             lost = True
         except (AwsServiceError, AwsTransportError) as exc:
             _log.warning("consumer.renew_failed", shard=shard_id, error=type(exc).__name__)
-            # Keep reading only while the lease we last wrote is still in force.
-            lost = reader.lease.expires_at <= now + self._config.effective_renew_interval
+            # No other worker saw our last counter before we sent it, so none may take the
+            # lease before renewed_at + lease_duration on its clock: stop reading one renewal
+            # period before that, as the next chance to check may come too late.
+            deadline = reader.renewed_at + self._config.lease_duration
+            lost = self._monotonic() + self._config.effective_renew_interval >= deadline
         else:
+            reader.renewed_at = sent
             lost = False
         if lost and reader.task is not None and not reader.task.done():
             _log.warning("consumer.lease_lost", shard=shard_id)

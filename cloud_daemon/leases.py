@@ -1,7 +1,7 @@
 """Shard leases and checkpoints: one interface, a local SQLite store and a DynamoDB lease table.
 
-A lease says which worker reads a shard, until when, and how far it got. Every store makes the
-same promises, so the consumer does not care which one it has:
+A lease says which worker reads a shard and how far it got. Every store makes the same
+promises, so the consumer does not care which one it has:
 
 - **acquire** is conditional on the lease counter the caller saw (or on the row not existing
   yet): of two workers racing for one lease, exactly one wins, the other gets
@@ -9,9 +9,15 @@ same promises, so the consumer does not care which one it has:
 - **renew**, **checkpoint**, **release** and **mark_finished** are conditional on the caller
   still being the owner: a worker whose lease was taken over gets
   :class:`~cloud_daemon.errors.LeaseLostError` and can never move the new owner's checkpoint.
+- **acquire**, **renew**, **release** and **mark_finished** bump the counter; **checkpoint**
+  does not (a renewal proves the owner alive, a checkpoint need not).
+- **delete_finished** deletes a row only if it is finished: a race with another worker cleaning
+  the same row, or with a stale view of the table, does no harm.
 - Sequence numbers are stored as decimal strings (they exceed 64 bits, and DynamoDB numbers
   have 38 digits) and handed out as integers.
-- Expiry is wall-clock time passed in by the caller, so the stores never read a clock.
+- Rows hold no expiry time: whether a lease lapsed is decided by each worker from the counter
+  and its own monotonic clock (:class:`~cloud_daemon.lineage.LeaseExpiry`), never from a wall
+  clock written by another machine. The stores read no clock at all.
 
 :class:`SqliteLeaseStore` is the default for a single instance; :class:`DynamoLeaseStore`
 shares leases between instances; :class:`MemoryLeaseStore` is the in-memory fake for tests of
@@ -28,7 +34,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import botocore.exceptions
 
@@ -117,8 +123,6 @@ class LeaseStore(ABC):
         *,
         owner: str,
         expected_counter: int | None,
-        now: float,
-        duration: float,
     ) -> Lease:
         """Take a lease, creating its row when ``expected_counter`` is ``None``.
 
@@ -126,8 +130,6 @@ class LeaseStore(ABC):
             shard_id: the shard.
             owner: this worker.
             expected_counter: the counter seen in :meth:`list_leases`, or ``None`` for no row.
-            now: wall-clock time, seconds since the epoch.
-            duration: how long the lease lasts without renewal, in seconds.
 
         Returns:
             The lease as now stored (checkpoint and counter included).
@@ -137,8 +139,11 @@ class LeaseStore(ABC):
         """
 
     @abstractmethod
-    async def renew(self, shard_id: str, *, owner: str, now: float, duration: float) -> Lease:
-        """Extend a lease we hold to ``now + duration``.
+    async def renew(self, shard_id: str, *, owner: str) -> Lease:
+        """Renew a lease we hold: bump its counter, so other workers see us alive.
+
+        Returns:
+            The lease as now stored.
 
         Raises:
             LeaseLostError: another worker owns it now, or it was released.
@@ -172,6 +177,18 @@ class LeaseStore(ABC):
             LeaseLostError: we no longer own the lease.
         """
 
+    @abstractmethod
+    async def delete_finished(self, shard_id: str) -> bool:
+        """Delete a finished shard's row (it no longer orders its children).
+
+        Args:
+            shard_id: the shard.
+
+        Returns:
+            Whether this call deleted it; ``False`` when the row is absent (another worker
+            deleted it first) or not finished, and then nothing changed.
+        """
+
 
 # --- in memory -----------------------------------------------------------------------------
 
@@ -191,15 +208,13 @@ class MemoryLeaseStore(LeaseStore):
         *,
         owner: str,
         expected_counter: int | None,
-        now: float,
-        duration: float,
     ) -> Lease:
         row = self.rows.get(shard_id)
         seen = None if row is None else row.counter
         if seen != expected_counter or (row is not None and row.finished):
             raise LeaseTakenError(shard_id, owner, f"counter {seen}, expected {expected_counter}")
         base = row or Lease(shard_id)
-        lease = Lease(shard_id, owner, base.counter + 1, now + duration, base.checkpoint)
+        lease = Lease(shard_id, owner, base.counter + 1, base.checkpoint)
         self.rows[shard_id] = lease
         return lease
 
@@ -209,15 +224,15 @@ class MemoryLeaseStore(LeaseStore):
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
         return row
 
-    async def renew(self, shard_id: str, *, owner: str, now: float, duration: float) -> Lease:
+    async def renew(self, shard_id: str, *, owner: str) -> Lease:
         row = self._owned(shard_id, owner)
-        lease = Lease(shard_id, owner, row.counter + 1, now + duration, row.checkpoint)
+        lease = Lease(shard_id, owner, row.counter + 1, row.checkpoint)
         self.rows[shard_id] = lease
         return lease
 
     async def checkpoint(self, shard_id: str, *, owner: str, sequence: int) -> None:
         row = self._owned(shard_id, owner)
-        self.rows[shard_id] = Lease(shard_id, owner, row.counter, row.expires_at, sequence)
+        self.rows[shard_id] = Lease(shard_id, owner, row.counter, sequence)
 
     async def get_checkpoint(self, shard_id: str) -> int | None:
         row = self.rows.get(shard_id)
@@ -225,13 +240,18 @@ class MemoryLeaseStore(LeaseStore):
 
     async def mark_finished(self, shard_id: str, *, owner: str) -> None:
         row = self._owned(shard_id, owner)
-        self.rows[shard_id] = Lease(
-            shard_id, None, row.counter + 1, 0.0, row.checkpoint, finished=True
-        )
+        self.rows[shard_id] = Lease(shard_id, None, row.counter + 1, row.checkpoint, finished=True)
 
     async def release(self, shard_id: str, *, owner: str) -> None:
         row = self._owned(shard_id, owner)
-        self.rows[shard_id] = Lease(shard_id, None, row.counter + 1, 0.0, row.checkpoint)
+        self.rows[shard_id] = Lease(shard_id, None, row.counter + 1, row.checkpoint)
+
+    async def delete_finished(self, shard_id: str) -> bool:
+        row = self.rows.get(shard_id)
+        if row is None or not row.finished:
+            return False
+        del self.rows[shard_id]
+        return True
 
 
 # --- SQLite ---------------------------------------------------------------------------------
@@ -241,24 +261,25 @@ CREATE TABLE IF NOT EXISTS leases (
     shard_id TEXT PRIMARY KEY,
     owner TEXT,
     counter INTEGER NOT NULL,
-    expires_at REAL NOT NULL,
     checkpoint TEXT,
     finished INTEGER NOT NULL DEFAULT 0
 )
 """
-_COLUMNS = "shard_id, owner, counter, expires_at, checkpoint, finished"
+# Files written before expiry moved to the counter have an ``expires_at REAL NOT NULL`` column,
+# which would refuse every new row: it is dropped when such a file is opened.
+_OBSOLETE_COLUMN = "expires_at"
+_COLUMNS = "shard_id, owner, counter, checkpoint, finished"
 # The column list is a constant of this module and every value is a bound parameter, so the
 # query built from it (S608) carries no outside input.
 _SELECT = f"SELECT {_COLUMNS} FROM leases"  # noqa: S608 - constant columns, see above
 
 
 def _row_to_lease(row: tuple[Any, ...]) -> Lease:
-    shard_id, owner, counter, expires_at, checkpoint, finished = row
+    shard_id, owner, counter, checkpoint, finished = row
     return Lease(
         shard_id,
         owner,
         int(counter),
-        float(expires_at),
         None if checkpoint is None else int(checkpoint),
         bool(finished),
     )
@@ -280,6 +301,18 @@ class SqliteLeaseStore(LeaseStore, SqliteStore):
         """
         super().__init__(path, schema=_SCHEMA, synchronous="NORMAL", thread_name="ztp-leases")
 
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+
+        def migrate(conn: sqlite3.Connection) -> None:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
+            if _OBSOLETE_COLUMN in columns:
+                with conn:
+                    conn.execute(f"ALTER TABLE leases DROP COLUMN {_OBSOLETE_COLUMN}")
+
+        await self._call(migrate)
+        return self
+
     async def list_leases(self) -> dict[str, Lease]:
         rows = await self._call(lambda c: c.execute(_SELECT).fetchall())
         return {row[0]: _row_to_lease(row) for row in rows}
@@ -298,22 +331,20 @@ class SqliteLeaseStore(LeaseStore, SqliteStore):
         *,
         owner: str,
         expected_counter: int | None,
-        now: float,
-        duration: float,
     ) -> Lease:
         def run(conn: sqlite3.Connection) -> Lease | None:
             with conn:
                 if expected_counter is None:
                     cur = conn.execute(
-                        "INSERT INTO leases (shard_id, owner, counter, expires_at) "
-                        "VALUES (?, ?, 1, ?) ON CONFLICT (shard_id) DO NOTHING",
-                        (shard_id, owner, now + duration),
+                        "INSERT INTO leases (shard_id, owner, counter) "
+                        "VALUES (?, ?, 1) ON CONFLICT (shard_id) DO NOTHING",
+                        (shard_id, owner),
                     )
                 else:
                     cur = conn.execute(
-                        "UPDATE leases SET owner = ?, counter = counter + 1, expires_at = ? "
+                        "UPDATE leases SET owner = ?, counter = counter + 1 "
                         "WHERE shard_id = ? AND counter = ? AND finished = 0",
-                        (owner, now + duration, shard_id, expected_counter),
+                        (owner, shard_id, expected_counter),
                     )
                 return self._fetch(conn, shard_id) if cur.rowcount == 1 else None
 
@@ -332,13 +363,12 @@ class SqliteLeaseStore(LeaseStore, SqliteStore):
         if await self._call(run) != 1:
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
 
-    async def renew(self, shard_id: str, *, owner: str, now: float, duration: float) -> Lease:
+    async def renew(self, shard_id: str, *, owner: str) -> Lease:
         def run(conn: sqlite3.Connection) -> Lease | None:
             with conn:
                 cur = conn.execute(
-                    "UPDATE leases SET counter = counter + 1, expires_at = ? "
-                    "WHERE shard_id = ? AND owner = ?",
-                    (now + duration, shard_id, owner),
+                    "UPDATE leases SET counter = counter + 1 WHERE shard_id = ? AND owner = ?",
+                    (shard_id, owner),
                 )
                 return self._fetch(conn, shard_id) if cur.rowcount == 1 else None
 
@@ -367,8 +397,8 @@ class SqliteLeaseStore(LeaseStore, SqliteStore):
         await self._owned_update(
             shard_id,
             owner,
-            "UPDATE leases SET finished = 1, owner = NULL, counter = counter + 1, "
-            "expires_at = 0 WHERE shard_id = ? AND owner = ?",
+            "UPDATE leases SET finished = 1, owner = NULL, counter = counter + 1 "
+            "WHERE shard_id = ? AND owner = ?",
             (),
         )
 
@@ -376,10 +406,19 @@ class SqliteLeaseStore(LeaseStore, SqliteStore):
         await self._owned_update(
             shard_id,
             owner,
-            "UPDATE leases SET owner = NULL, counter = counter + 1, expires_at = 0 "
+            "UPDATE leases SET owner = NULL, counter = counter + 1 "
             "WHERE shard_id = ? AND owner = ?",
             (),
         )
+
+    async def delete_finished(self, shard_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> int:
+            with conn:
+                return conn.execute(
+                    "DELETE FROM leases WHERE shard_id = ? AND finished = 1", (shard_id,)
+                ).rowcount
+
+        return await self._call(run) == 1
 
 
 # --- DynamoDB -------------------------------------------------------------------------------
@@ -390,7 +429,6 @@ _NAMES = {
     "#s": "shard_id",
     "#o": "owner",
     "#c": "counter",
-    "#e": "expires_at",
     "#k": "checkpoint",
     "#f": "finished",
 }
@@ -402,7 +440,6 @@ def _item_to_lease(item: Mapping[str, Any]) -> Lease:
             item["shard_id"]["S"],
             item["owner"]["S"] if "owner" in item else None,
             int(item["counter"]["N"]),
-            float(item["expires_at"]["N"]),
             int(item["checkpoint"]["S"]) if "checkpoint" in item else None,
             bool(item.get("finished", {}).get("BOOL", False)),
         )
@@ -485,15 +522,12 @@ class DynamoLeaseStore(LeaseStore):
         *,
         owner: str,
         expected_counter: int | None,
-        now: float,
-        duration: float,
     ) -> Lease:
         if expected_counter is None:
             item = {
                 "shard_id": {"S": shard_id},
                 "owner": {"S": owner},
                 "counter": {"N": "1"},
-                "expires_at": {"N": repr(now + duration)},
                 "finished": {"BOOL": False},
             }
             try:
@@ -511,13 +545,12 @@ class DynamoLeaseStore(LeaseStore):
             return _item_to_lease(item)
         attributes = await self._update(
             shard_id,
-            UpdateExpression="SET #o = :o, #c = #c + :one, #e = :e",
+            UpdateExpression="SET #o = :o, #c = #c + :one",
             ConditionExpression="#c = :seen AND #f = :false",
-            ExpressionAttributeNames={k: _NAMES[k] for k in ("#o", "#c", "#e", "#f")},
+            ExpressionAttributeNames={k: _NAMES[k] for k in ("#o", "#c", "#f")},
             ExpressionAttributeValues={
                 ":o": {"S": owner},
                 ":one": {"N": "1"},
-                ":e": {"N": repr(now + duration)},
                 ":seen": {"N": str(expected_counter)},
                 ":false": {"BOOL": False},
             },
@@ -541,13 +574,8 @@ class DynamoLeaseStore(LeaseStore):
             raise LeaseLostError(shard_id, owner, "owned by another worker or released")
         return attributes
 
-    async def renew(self, shard_id: str, *, owner: str, now: float, duration: float) -> Lease:
-        attributes = await self._owned(
-            shard_id,
-            owner,
-            "SET #c = #c + :one, #e = :e",
-            {":one": {"N": "1"}, ":e": {"N": repr(now + duration)}},
-        )
+    async def renew(self, shard_id: str, *, owner: str) -> Lease:
+        attributes = await self._owned(shard_id, owner, "SET #c = #c + :one", {":one": {"N": "1"}})
         return _item_to_lease(attributes)
 
     async def checkpoint(self, shard_id: str, *, owner: str, sequence: int) -> None:
@@ -565,14 +593,26 @@ class DynamoLeaseStore(LeaseStore):
         await self._owned(
             shard_id,
             owner,
-            "SET #f = :true, #c = #c + :one, #e = :zero REMOVE #o",
-            {":true": {"BOOL": True}, ":one": {"N": "1"}, ":zero": {"N": "0"}},
+            "SET #f = :true, #c = #c + :one REMOVE #o",
+            {":true": {"BOOL": True}, ":one": {"N": "1"}},
         )
 
     async def release(self, shard_id: str, *, owner: str) -> None:
-        await self._owned(
-            shard_id,
-            owner,
-            "SET #c = #c + :one, #e = :zero REMOVE #o",
-            {":one": {"N": "1"}, ":zero": {"N": "0"}},
-        )
+        await self._owned(shard_id, owner, "SET #c = #c + :one REMOVE #o", {":one": {"N": "1"}})
+
+    async def delete_finished(self, shard_id: str) -> bool:
+        try:
+            async with aws_errors("DeleteItem", resource=self._table):
+                await self._client.delete_item(
+                    TableName=self._table,
+                    Key={"shard_id": {"S": shard_id}},
+                    # An absent row fails the condition too: someone else deleted it first.
+                    ConditionExpression="#f = :true",
+                    ExpressionAttributeNames={"#f": "finished"},
+                    ExpressionAttributeValues={":true": {"BOOL": True}},
+                )
+        except AwsServiceError as exc:
+            if exc.code == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True

@@ -14,13 +14,27 @@ This module decides, without any I/O and with the clock passed in:
 - :class:`ShardGraph`: the shards of one ``ListShards`` listing and which of them are *ready*
   (not finished, every parent finished). A parent absent from the listing has aged out of the
   stream's retention: nothing is left to read in it, so it counts as finished.
-- :class:`Lease`: one row of the lease table (owner, counter, expiry, checkpoint, finished).
-  Sequence numbers are integers here, always: as strings ``"10" < "9"``.
+- :class:`Lease`: one row of the lease table (owner, counter, checkpoint, finished). Sequence
+  numbers are integers here, always: as strings ``"10" < "9"``. A row holds no expiry time.
+- :class:`LeaseExpiry`: which leases of the table have lapsed, judged as Amazon's KCL does,
+  without trusting anybody's wall clock: the owner bumps the counter on every renewal, and a
+  lease has lapsed once this worker has seen its counter unchanged for a whole lease duration
+  on its **own monotonic clock**. Workers whose wall clocks disagree by hours still agree on
+  that; only the rates of their clocks matter, and those differ by parts per million. A
+  released lease (no owner) is free at once.
+- :func:`settled_shards`: the shards whose reading is over: a finished row, or no row at all
+  while a descendant has one (the row was deleted by :func:`plan_cleanup` once the children
+  had started: such a shard must never be read again from its start).
 - :func:`plan_assignment`: which leases this worker should claim so that the ready shards spread
   evenly over the live workers: first free or lapsed leases up to its fair share, then at most
   one lease per round stolen from the most loaded worker, and only when that worker holds at
   least two more than this one (Amazon's KCL steals one lease per round too), so ownership
   converges to loads that differ by at most one, without thrashing.
+- :func:`plan_cleanup`: which finished rows are no longer needed to order their children, and
+  may be deleted: the shard is no longer listed (trimmed past retention), or every listed child
+  has a row with a checkpoint (it started, so its parents' rows have done their job). The
+  store deletes on condition that the row is finished, so two workers cleaning at once, or a
+  stale table snapshot, do no harm.
 
 Every claim carries the lease counter it saw; the lease store makes the write conditional on it,
 so of two workers racing for one lease exactly one wins.
@@ -29,7 +43,7 @@ so of two workers racing for one lease exactly one wins.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +53,13 @@ __all__ = [
     "AssignmentPlan",
     "Claim",
     "Lease",
+    "LeaseExpiry",
     "ShardGraph",
     "ShardInfo",
     "parse_sequence_number",
     "plan_assignment",
+    "plan_cleanup",
+    "settled_shards",
 ]
 
 
@@ -193,8 +210,8 @@ class Lease:
     Attributes:
         shard_id: the shard.
         owner: the worker holding it, or ``None`` when free.
-        counter: bumped on every take, renewal and release; conditional writes compare it.
-        expires_at: wall-clock time (seconds since the epoch) when the lease lapses.
+        counter: bumped on every take, renewal and release; conditional writes compare it, and
+            other workers watch it move to know the owner is alive (:class:`LeaseExpiry`).
         checkpoint: the sequence number of the last record handled, or ``None``.
         finished: the shard was read to its end; its children may start.
     """
@@ -202,7 +219,6 @@ class Lease:
     shard_id: str
     owner: str | None = None
     counter: int = 0
-    expires_at: float = 0.0
     checkpoint: int | None = None
     finished: bool = False
 
@@ -216,13 +232,59 @@ class Lease:
         if self.owner == "":
             raise UsageError(f"lease {self.shard_id}: empty owner, use None for free")
 
-    def held_by(self, worker: str, now: float) -> bool:
-        """Whether ``worker`` holds this lease and it has not lapsed at ``now``."""
-        return self.owner == worker and self.expires_at > now
+    @property
+    def free(self) -> bool:
+        """Whether anyone may take this lease at once: released and not finished."""
+        return self.owner is None and not self.finished
 
-    def is_available(self, now: float) -> bool:
-        """Whether anyone may take this lease at ``now`` (free, or lapsed)."""
-        return not self.finished and (self.owner is None or self.expires_at <= now)
+
+class LeaseExpiry:
+    """Decides which owned leases have lapsed, from their counters and a monotonic clock.
+
+    The state is this worker's memory of each owned lease: the counter last seen and when (on
+    the monotonic clock passed to :meth:`observe`) it was first seen with that value. A lease
+    whose counter has not moved for ``duration`` has lapsed: its owner stopped renewing. A
+    worker that has just started knows nothing yet, so it waits a whole duration before it
+    takes any lease that still has an owner (KCL does the same).
+    """
+
+    __slots__ = ("_duration", "_seen")
+
+    def __init__(self, *, duration: float) -> None:
+        """Args:
+        duration: how long a counter must stand still before its lease lapses, in seconds.
+
+        Raises:
+            UsageError: ``duration`` is not positive.
+        """
+        if not duration > 0:
+            raise UsageError("lease duration must be > 0")
+        self._duration = duration
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def observe(self, leases: Mapping[str, Lease], now: float) -> frozenset[str]:
+        """Take in one reading of the lease table; say which owned leases have lapsed.
+
+        Args:
+            leases: the whole lease table, by shard id (rows absent from it are forgotten).
+            now: this worker's monotonic clock, in seconds (never a wall clock).
+
+        Returns:
+            The shards whose lease has an owner and a counter unchanged for ``duration``.
+        """
+        seen: dict[str, tuple[int, float]] = {}
+        lapsed: list[str] = []
+        for sid, lease in leases.items():
+            if lease.owner is None or lease.finished:
+                continue
+            previous = self._seen.get(sid)
+            if previous is None or previous[0] != lease.counter:
+                previous = (lease.counter, now)
+            seen[sid] = previous
+            if now - previous[1] >= self._duration:
+                lapsed.append(sid)
+        self._seen = seen
+        return frozenset(lapsed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,12 +319,57 @@ class AssignmentPlan:
     target: int
 
 
+def _children_by_parent(graph: ShardGraph) -> dict[str, list[str]]:
+    children: dict[str, list[str]] = {}
+    for shard in graph.shards.values():
+        for parent in shard.parent_ids:
+            children.setdefault(parent, []).append(shard.shard_id)
+    return children
+
+
+def settled_shards(graph: ShardGraph, leases: Mapping[str, Lease]) -> frozenset[str]:
+    """The shards whose reading is over, so their children may start.
+
+    A shard is settled when its row is finished, or when it has no row while some descendant
+    has one: its row was deleted after its children started (:func:`plan_cleanup`), and
+    reading it again from its start would repeat every record, out of order.
+
+    Args:
+        graph: the current shard listing.
+        leases: the lease table, by shard id.
+
+    Returns:
+        The settled shard ids (finished rows of shards no longer listed included).
+    """
+    children = _children_by_parent(graph)
+    has_row: dict[str, bool] = {}
+
+    def descendant_has_row(sid: str) -> bool:
+        # Iterative, so a long reshard history cannot exhaust the recursion limit.
+        stack, visited = list(children.get(sid, ())), set[str]()
+        while stack:
+            child = stack.pop()
+            if child in visited:
+                continue
+            visited.add(child)
+            if child in leases:
+                return True
+            stack.extend(children.get(child, ()))
+        return False
+
+    for sid in graph.shards:
+        if sid not in leases:
+            has_row[sid] = descendant_has_row(sid)
+    finished = {sid for sid, lease in leases.items() if lease.finished}
+    return frozenset(finished | {sid for sid, done in has_row.items() if done})
+
+
 def plan_assignment(
     *,
     graph: ShardGraph,
     leases: Mapping[str, Lease],
     me: str,
-    now: float,
+    lapsed: Collection[str] = frozenset(),
     allow_steal: bool = True,
 ) -> AssignmentPlan:
     """Decide which leases ``me`` should claim for a balanced assignment.
@@ -271,7 +378,8 @@ def plan_assignment(
         graph: the current shard listing.
         leases: the lease table, by shard id (rows for shards no longer listed are ignored).
         me: this worker's id.
-        now: the current wall-clock time, in seconds since the epoch.
+        lapsed: the owned leases whose owner stopped renewing, from
+            :meth:`LeaseExpiry.observe`; they are taken like free ones.
         allow_steal: whether this worker may take one live lease per round from the most
             loaded worker, when that one holds two or more leases more (the victim notices
             on its next renewal and stops reading the shard).
@@ -279,15 +387,14 @@ def plan_assignment(
     Returns:
         The plan: the claims, and the figures they were derived from.
     """
-    finished = [sid for sid, lease in leases.items() if lease.finished]
-    ready = graph.ready(finished)
+    ready = graph.ready(settled_shards(graph, leases))
     load: dict[str, list[str]] = {}
     free: list[Claim] = []
     for sid in ready:
         lease = leases.get(sid)
         if lease is None:
             free.append(Claim(sid, None))
-        elif lease.owner is None or lease.is_available(now):
+        elif lease.owner is None or sid in lapsed:
             free.append(Claim(sid, lease.counter))
         else:
             load.setdefault(lease.owner, []).append(sid)
@@ -306,3 +413,37 @@ def plan_assignment(
                 shard = max(load[victim])
                 claims.append(Claim(shard, leases[shard].counter, stolen_from=victim))
     return AssignmentPlan(tuple(claims), ready, workers, target)
+
+
+def plan_cleanup(*, graph: ShardGraph, leases: Mapping[str, Lease]) -> tuple[str, ...]:
+    """The finished rows that no longer order anything, and may be deleted.
+
+    A finished row is kept while a child may still need it to know its parent is done: it
+    goes once the shard is no longer listed (trimmed past the stream's retention: a missing
+    parent counts as finished), or once every listed child has a row with a checkpoint, or
+    finished (the children started; :func:`settled_shards` then keeps the row-less parent
+    settled). A
+    listed finished shard without listed children is kept: nothing proves it is safe.
+
+    Args:
+        graph: the current shard listing.
+        leases: the lease table, by shard id.
+
+    Returns:
+        The shard ids whose rows may be deleted, sorted.
+    """
+    children = _children_by_parent(graph)
+    doomed: list[str] = []
+    for sid, lease in leases.items():
+        if not lease.finished:
+            continue
+        if sid not in graph.shards:
+            doomed.append(sid)
+            continue
+        kids = children.get(sid, ())
+        if kids and all(
+            (row := leases.get(kid)) is not None and (row.checkpoint is not None or row.finished)
+            for kid in kids
+        ):
+            doomed.append(sid)
+    return tuple(sorted(doomed))

@@ -765,6 +765,10 @@ class Partitionable(LeaseStore):
         self._check("UpdateItem")
         await self.inner.release(shard_id, **kwargs)
 
+    async def delete_finished(self, shard_id: str) -> bool:
+        self._check("DeleteItem")
+        return await self.inner.delete_finished(shard_id)
+
 
 @sandboxed
 async def test_a_lease_store_outage_stalls_the_shard_then_it_resumes_without_loss(
@@ -1135,8 +1139,6 @@ async def test_stopping_with_a_read_ahead_loses_nothing_and_checkpoints_what_was
             shard,
             owner="w1",
             expected_counter=store.rows[shard].counter if shard in store.rows else None,
-            now=time.time(),
-            duration=30.0,
         )
         consumer = ShardConsumer(
             kinesis=kinesis,
@@ -1215,9 +1217,7 @@ class OutOfOrderKinesis:
 
 async def test_an_answer_out_of_order_across_build_chunks_is_refused_and_nothing_handled() -> None:
     store = MemoryLeaseStore()
-    lease = await store.acquire(
-        "s0", owner="w1", expected_counter=None, now=time.time(), duration=30.0
-    )
+    lease = await store.acquire("s0", owner="w1", expected_counter=None)
     handled: list[ShardBatch] = []
 
     async def handle(batch: ShardBatch) -> RecordFailure | None:
