@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import json
+import math
 import pickle
 import signal
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import structlog
 
 from cloud_daemon.consumer import (
     ConsumerConfig,
@@ -934,6 +936,219 @@ async def test_graceful_hand_off_repeats_nothing(
         await recorder.wait_for(set(put))
     assert took < lease_duration  # released leases are taken at once, not after expiry
     assert sorted(recorder.sequences()) == sorted(put)  # every record exactly once
+
+
+class RenewalLog(Partitionable):
+    """A cuttable store that notes when each successful renewal of a shard was sent."""
+
+    def __init__(self, inner: LeaseStore) -> None:
+        super().__init__(inner)
+        self.renewal_sent: dict[str, float] = {}
+
+    async def renew(self, shard_id: str, **kwargs: Any) -> Lease:
+        sent = time.monotonic()
+        lease = await super().renew(shard_id, **kwargs)
+        self.renewal_sent[shard_id] = sent
+        return lease
+
+
+class Gains:
+    """When each worker gained each shard (monotonic time), from the ownership callbacks."""
+
+    def __init__(self, ownership: Ownership) -> None:
+        self.ownership = ownership
+        self.events: list[tuple[float, str, str]] = []  # (when, worker, shard)
+
+    def callback(self, worker: str) -> Callable[[frozenset[str]], None]:
+        inner = self.ownership.callback(worker)
+        held: set[str] = set()
+
+        def changed(shards: frozenset[str]) -> None:
+            now = time.monotonic()
+            self.events += [(now, worker, sid) for sid in sorted(shards - held)]
+            held.clear()
+            held.update(shards)
+            inner(shards)
+
+        return changed
+
+    def since(self, moment: float) -> list[tuple[str, str]]:
+        return [(worker, sid) for when, worker, sid in self.events if when >= moment]
+
+
+@pytest.mark.slow
+@sandboxed
+async def test_wall_clocks_two_hours_apart_neither_steal_nor_delay_a_takeover(
+    kinesis: Any, dynamodb: Any, balanced: Callable[[dict[str, frozenset[str]]], bool]
+) -> None:
+    stream = kf.unique_name("skew")
+    await kf.create_stream(kinesis, stream, 4)
+    table = kf.unique_name("leases")
+    await create_lease_table(dynamodb, table)
+    dynamo = DynamoLeaseStore(dynamodb, table)
+    store_a = RenewalLog(dynamo)
+    recorder, ownership = Recorder(), Ownership()
+    gains = Gains(ownership)
+    lease_duration, renew_interval, discovery = 2.0, 0.5, 0.3
+
+    def consumer(worker: str, store: LeaseStore, skew: float) -> StreamConsumer:
+        return StreamConsumer(
+            kinesis=kinesis,
+            leases=store,
+            handler=recorder.handler(worker),
+            config=fast_config(
+                stream,
+                worker,
+                lease_duration=lease_duration,
+                renew_interval=renew_interval,
+                discovery_interval=discovery,
+            ),
+            dead_letter=MemoryDeadLetter(),
+            on_ownership_change=gains.callback(worker),
+            # Far more than a lease duration apart: to each, the other's wall clock is absurd.
+            clock=lambda: time.time() + skew,
+        )
+
+    async with consumer("a", store_a, -3600.0):
+        await ownership.wait(lambda o: len(o.get("a", ())) == 4, within=15)
+        async with consumer("b", dynamo, +3600.0):
+            await ownership.wait(balanced, within=15)
+            settled = time.monotonic()
+            put = await kf.put_records(kinesis, stream, items(200, 16))
+            await recorder.wait_for(set(put))
+            # b took exactly the two leases balance needs (one steal per round), nothing else.
+            assert [w for w, _ in gains.since(0.0)] == ["a"] * 4 + ["b"] * 2
+            # Three lease durations later nobody has taken anything from anybody.
+            await asyncio.sleep(3 * lease_duration)
+            assert gains.since(settled) == []
+            assert balanced(ownership.owned)
+            a_shards = ownership.owned["a"]
+            rows = await dynamo.list_leases()
+            checkpoints = {sid: rows[sid].checkpoint for sid in a_shards}
+            # "a" stops renewing: its counters stand still from here on.
+            store_a.cut = True
+            cut = time.monotonic()
+            more = await kf.put_records(kinesis, stream, items(100, 16, prefix="late"))
+            await ownership.wait(lambda o: len(o.get("b", ())) == 4, within=15)
+            await recorder.wait_for(set(more))
+            taken = {sid: when for when, worker, sid in gains.events if when >= cut}
+            assert ownership.owned["a"] == frozenset()
+    assert set(taken) == set(a_shards)
+    for sid, when in taken.items():
+        # No sooner than a lease duration after a's last counter bump was sent (b cannot
+        # have seen that counter earlier), and not much later: a discovery round and the
+        # time to see the counter stand still.
+        quiet = when - store_a.renewal_sent[sid]
+        assert lease_duration <= quiet < lease_duration + discovery + renew_interval + 1.5, sid
+    assert set(recorder.sequences()) == set(put) | set(more)
+    for seq in {s.seq for s in recorder.seen if s.worker == "b" and s.shard in a_shards}:
+        shard_of = {s.seq: s.shard for s in recorder.seen}
+        checkpoint = checkpoints[shard_of[seq]]
+        assert checkpoint is None or seq > checkpoint  # b resumed after a's checkpoints
+
+
+async def wait_rows(
+    store: LeaseStore, predicate: Callable[[dict[str, Lease]], bool], within: float
+) -> dict[str, Lease]:
+    """The lease table once ``predicate`` holds (read every 0.1 s: a table has no events)."""
+    for _ in range(math.ceil(within / 0.1)):
+        rows = await store.list_leases()
+        if predicate(rows):
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"lease table never as expected: {sorted(rows)}")
+
+
+@pytest.mark.slow
+@sandboxed
+async def test_a_reshard_deletes_parent_rows_once_children_started_and_nothing_is_reread(
+    kinesis: Any, dynamodb: Any
+) -> None:
+    stream = kf.unique_name("cleanup")
+    shards = await kf.create_stream(kinesis, stream, 2)
+    table = kf.unique_name("leases")
+    await create_lease_table(dynamodb, table)
+    store = DynamoLeaseStore(dynamodb, table)
+    recorder = Recorder()
+    put: list[int] = []
+    order: dict[str, list[int]] = {}
+
+    async def produce(rounds: int) -> None:
+        for n in range(rounds):
+            # Many keys: every child of the split receives some, so every child checkpoints.
+            batch = items(40, 40, prefix=f"p{n}")
+            sequences = await kf.put_records(kinesis, stream, batch)
+            put.extend(sequences)
+            for (key, _), seq in zip(batch, sequences, strict=True):
+                order.setdefault(key, []).append(seq)
+            await asyncio.sleep(0.03)
+
+    def consumer(worker: str) -> StreamConsumer:
+        return StreamConsumer(
+            kinesis=kinesis,
+            leases=store,
+            handler=recorder.handler(worker),
+            config=fast_config(stream, worker, batch_limit=25),
+            dead_letter=MemoryDeadLetter(),
+        )
+
+    with structlog.testing.capture_logs() as events:
+        async with consumer("a") as a, consumer("b") as b:
+            await produce(5)
+            listing = await kinesis.list_shards(StreamName=stream)
+            first = next(s for s in listing["Shards"] if s["ShardId"] == shards[0])
+            low = int(first["HashKeyRange"]["StartingHashKey"])
+            high = int(first["HashKeyRange"]["EndingHashKey"])
+            await kinesis.split_shard(
+                StreamName=stream,
+                ShardToSplit=shards[0],
+                NewStartingHashKey=str((low + high) // 2),
+            )
+            a.discover_now()
+            b.discover_now()
+            await produce(5)
+            listing = await kinesis.list_shards(StreamName=stream)
+            children = sorted(
+                s["ShardId"] for s in listing["Shards"] if s.get("ParentShardId") == shards[0]
+            )
+            # The split's parent goes once both children have checkpoints; the children stay.
+            rows = await wait_rows(store, lambda r: shards[0] not in r, within=15)
+            assert set(children) <= set(rows)
+            await kinesis.merge_shards(
+                StreamName=stream, ShardToMerge=children[1], AdjacentShardToMerge=shards[1]
+            )
+            await produce(5)
+            listing = await kinesis.list_shards(StreamName=stream)
+            (merged,) = (
+                s["ShardId"]
+                for s in listing["Shards"]
+                if s.get("AdjacentParentShardId") or s.get("ParentShardId") == children[1]
+            )
+            await recorder.wait_for(set(put), within=30)
+            # Both merge parents go once the merged child has a checkpoint.
+            rows = await wait_rows(store, lambda r: set(r) == {children[0], merged}, within=15)
+            # Rounds later the deleted rows stay deleted: no shard is taken up again.
+            await asyncio.sleep(1.0)
+            assert set(await store.list_leases()) == {children[0], merged}
+
+    assert rows[merged].checkpoint is not None
+    assert set(recorder.sequences()) == set(put)  # none skipped
+    first_seen: dict[int, int] = {}
+    for seq in recorder.sequences():
+        first_seen.setdefault(seq, len(first_seen))
+    for key, sequences in order.items():
+        # parents before children: each key's records handled in the order they were put
+        assert sorted(sequences, key=first_seen.__getitem__) == sequences, key
+    # Each parent row deleted exactly once, though both workers clean up (conditional deletes).
+    deleted = sorted(e["shard"] for e in events if e["event"] == "consumer.lease_deleted")
+    assert deleted == sorted([shards[0], shards[1], children[1]])
+    # No shard was started from its beginning twice.
+    fresh = [
+        e["shard"]
+        for e in events
+        if e["event"] == "consumer.lease_taken" and e["checkpoint"] is None
+    ]
+    assert len(fresh) == len(set(fresh))
 
 
 @pytest.fixture
