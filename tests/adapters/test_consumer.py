@@ -1151,6 +1151,64 @@ async def test_a_reshard_deletes_parent_rows_once_children_started_and_nothing_i
     assert len(fresh) == len(set(fresh))
 
 
+class TrimmedListing:
+    """The real Kinesis client, whose listings leave out the shards in ``trimmed``, as AWS's
+    do once a closed shard's records are older than the stream's retention (no sandbox knob
+    ages a shard out)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.trimmed: set[str] = set()
+
+    async def list_shards(self, **request: Any) -> Any:
+        answer = await self._client.list_shards(**request)
+        shards = [s for s in answer["Shards"] if s["ShardId"] not in self.trimmed]
+        return answer | {"Shards": shards}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+@sandboxed
+async def test_a_finished_row_is_deleted_once_its_shard_ages_out_of_the_listing(
+    kinesis: Any,
+) -> None:
+    stream = kf.unique_name("trimmed")
+    (parent,) = await kf.create_stream(kinesis, stream, 1)
+    before = await kf.put_records(kinesis, stream, items(20, 4))
+    listing = await kinesis.list_shards(StreamName=stream)
+    high = int(listing["Shards"][0]["HashKeyRange"]["EndingHashKey"])
+    await kinesis.split_shard(
+        StreamName=stream, ShardToSplit=parent, NewStartingHashKey=str(high // 2)
+    )
+    store = MemoryLeaseStore()
+    recorder = Recorder()
+    trimming = TrimmedListing(kinesis)
+    ownership = Ownership()
+    async with StreamConsumer(
+        kinesis=trimming,
+        leases=store,
+        handler=recorder.handler(),
+        config=fast_config(stream),
+        dead_letter=MemoryDeadLetter(),
+        on_ownership_change=ownership.callback("w1"),
+    ) as consumer:
+        await recorder.wait_for(set(before))
+        # The parent is read to its end; its children start, but receive nothing, so they
+        # have no checkpoint, and the parent's row must stay to order them.
+        await ownership.wait(lambda o: len(o.get("w1", ())) == 2, within=10)
+        await asyncio.sleep(1.0)  # a few discovery rounds
+        assert store.rows[parent].finished
+        trimming.trimmed.add(parent)
+        consumer.discover_now()
+        await wait_rows(store, lambda rows: parent not in rows, within=5)
+        # The children go on: what arrives now is read.
+        after = await kf.put_records(kinesis, stream, items(20, 4, prefix="after"))
+        await recorder.wait_for(set(after))
+    assert sorted(recorder.sequences()) == sorted(before + after)
+    assert parent not in store.rows
+
+
 @pytest.fixture
 def memory_store() -> MemoryLeaseStore:
     return MemoryLeaseStore()
