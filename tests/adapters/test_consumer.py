@@ -1151,6 +1151,36 @@ async def test_a_reshard_deletes_parent_rows_once_children_started_and_nothing_i
     assert len(fresh) == len(set(fresh))
 
 
+@sandboxed
+async def test_an_owner_that_cannot_renew_stops_reading_by_its_own_monotonic_clock(
+    kinesis: Any,
+) -> None:
+    stream = kf.unique_name("deadline")
+    await kf.create_stream(kinesis, stream, 1)
+    store = Partitionable(MemoryLeaseStore())
+    ownership = Ownership()
+    skip = [0.0]  # seconds the injected monotonic clock has jumped ahead
+    recorder = Recorder()
+    async with StreamConsumer(
+        kinesis=kinesis,
+        leases=store,
+        handler=recorder.handler(),
+        config=fast_config(stream, lease_duration=30.0, renew_interval=0.3),
+        dead_letter=MemoryDeadLetter(),
+        on_ownership_change=ownership.callback("w1"),
+        monotonic=lambda: time.monotonic() + skip[0],
+    ):
+        await ownership.wait(lambda o: len(o.get("w1", ())) == 1, within=10)
+        store.cut = True
+        await asyncio.sleep(1.0)  # renewals fail, but the lease is young: keep reading
+        assert len(ownership.owned["w1"]) == 1
+        # 29 s pass on the owner's clock: less than a renewal period is left before another
+        # worker, which saw the last counter no earlier than it was sent, may take the lease.
+        skip[0] = 29.0
+        stopped = await ownership.wait(lambda o: not o.get("w1"), within=5)
+    assert stopped < 1.0  # at the next renewal attempt, not 30 s of wall time later
+
+
 class TrimmedListing:
     """The real Kinesis client, whose listings leave out the shards in ``trimmed``, as AWS's
     do once a closed shard's records are older than the stream's retention (no sandbox knob
