@@ -3,6 +3,8 @@ assignment, cleanup of finished rows."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -419,61 +421,71 @@ def test_assignment_converges_to_exclusive_balanced_ownership(
     assert sum(loads) == shards
 
 
+@dataclass
+class Workers:
+    """The lease table as workers running in turns leave it: rows started, checkpointed,
+    finished and deleted, checked against the ordering rules at every start."""
+
+    graph: ShardGraph
+    table: dict[str, Lease] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    starts: list[str] = field(default_factory=list)
+
+    def startable(self) -> list[str]:
+        ready = plan_assignment(graph=self.graph, leases=self.table, me="w").ready
+        return [sid for sid in ready if sid not in self.table]
+
+    def start(self, sid: str) -> None:
+        assert sid not in self.starts, f"{sid} started twice"
+        assert all(p in self.finished for p in self.graph.parents(sid)), sid
+        self.starts.append(sid)
+        self.table[sid] = Lease(sid, "w", 1)
+
+    def open_rows(self) -> list[str]:
+        return [sid for sid, row in self.table.items() if not row.finished]
+
+    def finish(self, sid: str) -> None:
+        self.table[sid] = Lease(sid, None, 2, self.table[sid].checkpoint, finished=True)
+        self.finished.add(sid)
+
+    def clean(self, seen: Mapping[str, Lease]) -> None:
+        for sid in plan_cleanup(graph=self.graph, leases=seen):
+            # the store's condition: only a finished row goes
+            if sid in self.table and self.table[sid].finished:
+                del self.table[sid]
+
+
 @settings(max_examples=150)
 @given(reshard_histories(), st.randoms(use_true_random=False))
 def test_with_cleanup_every_shard_is_read_once_and_after_its_parents(
     graph: ShardGraph, rnd: Any
 ) -> None:
     # Workers start ready shards, checkpoint, finish and delete rows in a random interleaving;
-    # rows are deleted as plan_cleanup says (some rounds see a stale table). No shard may be
+    # rows are deleted as plan_cleanup says (some rounds from a stale table). No shard may be
     # started twice, nor before all its parents finished.
-    table: dict[str, Lease] = {}
-    finished: set[str] = set()
-    starts: list[str] = []
-    stale = dict(table)
+    workers = Workers(graph)
+    stale: dict[str, Lease] = {}
     for _ in range(20 * len(graph.shards) + 20):
-        action = rnd.choice(["start", "checkpoint", "finish", "clean", "clean_stale"])
-        if action == "start":
-            ready = plan_assignment(graph=graph, leases=table, me="w").ready
-            free = [sid for sid in ready if sid not in table]
-            if free:
-                sid = rnd.choice(free)
-                assert sid not in starts, f"{sid} started twice"
-                assert all(p in finished for p in graph.parents(sid)), sid
-                starts.append(sid)
-                table[sid] = Lease(sid, "w", 1)
-        elif action == "checkpoint":
-            open_rows = [sid for sid, row in table.items() if not row.finished]
-            if open_rows:
-                sid = rnd.choice(open_rows)
-                table[sid] = Lease(sid, "w", 1, 7)
-        elif action == "finish":
-            open_rows = [sid for sid, row in table.items() if not row.finished]
-            if open_rows:
-                sid = rnd.choice(open_rows)
-                table[sid] = Lease(sid, None, 2, table[sid].checkpoint, finished=True)
-                finished.add(sid)
-        else:
-            seen = stale if action == "clean_stale" else table
-            for sid in plan_cleanup(graph=graph, leases=seen):
-                # the store's condition: only a finished row goes
-                if sid in table and table[sid].finished:
-                    del table[sid]
-        stale = dict(table) if rnd.random() < 0.5 else stale
+        match rnd.choice(["start", "checkpoint", "finish", "clean", "clean_stale"]):
+            case "start" if free := workers.startable():
+                workers.start(rnd.choice(free))
+            case "checkpoint" if rows := workers.open_rows():
+                sid = rnd.choice(rows)
+                workers.table[sid] = Lease(sid, "w", 1, 7)
+            case "finish" if rows := workers.open_rows():
+                workers.finish(rnd.choice(rows))
+            case "clean":
+                workers.clean(workers.table)
+            case "clean_stale":
+                workers.clean(stale)
+            case _:
+                pass
+        stale = dict(workers.table) if rnd.random() < 0.5 else stale
     # Finish what is open, then keep going until nothing is left to start.
-    for sid, row in list(table.items()):
-        if not row.finished:
-            table[sid] = Lease(sid, None, 2, row.checkpoint, finished=True)
-            finished.add(sid)
-    while free := [
-        sid for sid in plan_assignment(graph=graph, leases=table, me="w").ready if sid not in table
-    ]:
-        sid = free[0]
-        assert sid not in starts
-        assert all(p in finished for p in graph.parents(sid))
-        starts.append(sid)
-        table[sid] = Lease(sid, None, 2, 7, finished=True)
-        finished.add(sid)
-        for gone in plan_cleanup(graph=graph, leases=table):
-            del table[gone]
-    assert sorted(starts) == sorted(graph.shards)
+    for sid in workers.open_rows():
+        workers.finish(sid)
+    while free := workers.startable():
+        workers.start(free[0])
+        workers.finish(free[0])
+        workers.clean(workers.table)
+    assert sorted(workers.starts) == sorted(graph.shards)
