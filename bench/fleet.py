@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ IOT_TPS: Final = 15.0
 _PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
 _READY_TIMEOUT: Final = 60.0
 _PROVISIONED: Final = "provisioned"
+_ADDRESS: Final = re.compile(r"0x[0-9a-f]+")
 _STOP_TIMEOUT: Final = 30.0  # seconds the supervisors of a burst get to stop after it
 
 
@@ -89,6 +91,7 @@ class _Watch:
         self.provisioned: dict[str, float] = {}
         self.expected: set[str] = set()
         self.done = asyncio.Event()
+        self.warnings: dict[str, int] = {}
 
     def __call__(
         self, _logger: object, method: str, event: MutableMapping[str, Any]
@@ -100,6 +103,10 @@ class _Watch:
                 self.done.set()
         elif method in {"error", "critical"}:
             sys.stderr.write(f"device: {event.get('event')} {event.get('reason', '')}\n")
+        elif method == "warning":
+            # Counted, not printed: how often links drop or sends are deferred says much.
+            key = f"{event.get('event')}: {str(event.get('reason', ''))[:80]}"
+            self.warnings[key] = self.warnings.get(key, 0) + 1
         raise structlog.DropEvent
 
 
@@ -179,12 +186,82 @@ async def _burst(
                 f"device: {len(late)} supervisors did not stop within {_STOP_TIMEOUT:g} s after"
                 f" shutdown, cancelled: {', '.join(names[:5])}\n"
             )
+            _dump_pending_tasks(sys.stderr)
             for task in late:
                 task.cancel("bench: the supervisor did not stop after shutdown")
+    for key, count in sorted(watch.warnings.items()):
+        sys.stderr.write(f"device: {count} x warning {key}\n")
+    watch.warnings.clear()
     for serial, _ in devices:
         if serial not in watch.provisioned and serial not in failed:
             failed[serial] = f"not provisioned within {within:g} s"
     return _BurstOutcome(began, dict(watch.provisioned), failed, cpu)
+
+
+def _await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits: every coroutine of its await chain, innermost last.
+
+    ``Task.print_stack`` shows only the task's own frame; a hang sits several awaits deeper.
+    For a frame of an aiomqtt client (``self`` is one), the state of its paho client and
+    whether the loop still watches its socket are added: the evidence a lost write needs.
+    """
+    lines: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            lines.append(f"  awaits {awaited!r:.200}")
+            break
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "Client" and hasattr(owner, "_client"):
+            lines.append(f"    {_mqtt_client_state(owner)}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return lines
+
+
+def _mqtt_client_state(client: Any) -> str:
+    paho = client._client  # a post-mortem reads private state
+    sock = paho._sock
+    fd = sock.fileno() if sock is not None else -1
+    selector = getattr(asyncio.get_running_loop(), "_selector", None)
+    key = None
+    if selector is not None and fd >= 0:
+        with contextlib.suppress(KeyError, ValueError):
+            key = selector.get_key(fd)
+    reader, writer = key.data if key is not None else (None, None)
+    return (
+        f"paho state={paho._state.name} fd={fd} out_packets={len(paho._out_packet)}"
+        f" registered_write={paho._registered_write}"
+        f" loop_reader={reader is not None} loop_writer={writer is not None}"
+        f" pending_publishes={len(client._pending_publishes)}"
+        f" disconnected={client._disconnected.done()}"
+    )
+
+
+def _dump_pending_tasks(out: Any) -> None:
+    """Write every pending task's await chain to ``out``, identical chains once with a count."""
+    chains: dict[tuple[str, ...], list[str]] = {}
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task() or task.done():
+            continue
+        chain = tuple(
+            _ADDRESS.sub("0x…", line)
+            for line in _await_chain(task)
+            if not line.startswith("    paho")
+        )
+        chains.setdefault(chain, []).append(task.get_name())
+    for chain, names in sorted(chains.items(), key=lambda item: -len(item[1])):
+        out.write(f"device: {len(names)} pending task(s) {', '.join(sorted(names)[:5])}:\n")
+        out.write("\n".join(chain) + "\n")
+    # The aiomqtt clients' states, per task (they differ where the chains do not).
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task() or task.done():
+            continue
+        for line in _await_chain(task):
+            if line.startswith("    paho"):
+                out.write(f"device: {task.get_name()}: {line.strip()}\n")
+    out.flush()
 
 
 async def _device_child() -> int:

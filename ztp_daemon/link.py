@@ -31,6 +31,16 @@ the next :class:`Connected`. A publish left without PUBACK also ends the connect
 tasks ``link.read`` and ``link.drop`` serve each connection): a connection that no longer
 acknowledges is reconnected rather than trusted.
 
+Closing cancels ``link.connection``, and the link makes sure the cancellation wins: aiomqtt
+waits for its acknowledgements with Python 3.11's ``asyncio.wait_for``, which returns normally
+when a cancellation arrives together with the result, and its teardown replaces a cancellation
+with ``MqttError`` when the DISCONNECT cannot be written within ``connect_timeout``. So
+publishes and the subscription are awaited without aiomqtt's timeout (``timeout=inf``, bounded
+by the link's own ``asyncio.timeout``), and the connection loop re-raises the cancellation
+wherever a library may have swallowed it; a closed link never reconnects. A connection's
+client is withdrawn as soon as the connection ends, so publishes fail at once instead of
+queueing on a connection being torn down.
+
 aiomqtt's exceptions are translated here and nowhere else.
 """
 
@@ -225,6 +235,7 @@ class AirVantageLink:
         self._stack = contextlib.AsyncExitStack()
         self._task: asyncio.Task[None] | None = None
         self._entered = False
+        self._closing = False
         self._tls_context: ssl.SSLContext | None = None
         self._drop = asyncio.Event()
         self._drop_reason = ""
@@ -260,6 +271,7 @@ class AirVantageLink:
         tb: TracebackType | None,
     ) -> None:
         """Stop the connection task; the client disconnects as its context closes."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel("link closing")
         await self._stack.__aexit__(exc_type, exc, tb)
@@ -300,7 +312,11 @@ class AirVantageLink:
             raise LinkError("not connected")
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
-                await client.publish(topic, payload, qos=1)
+                # timeout=inf: aiomqtt then awaits the PUBACK directly instead of through
+                # Python 3.11's asyncio.wait_for, which returns the result, swallowing a
+                # cancellation, when the PUBACK and the cancellation arrive together (a daemon
+                # stopped mid-send then never stops). The bound is ours, around the call.
+                await client.publish(topic, payload, qos=1, timeout=math.inf)
         except TimeoutError as exc:
             reason = f"no PUBACK within {self._settings.publish_timeout} s"
             # A connection that stops acknowledging is dead in all but name: reconnect now, so
@@ -352,18 +368,33 @@ class AirVantageLink:
             reported = False
             try:
                 async with self._client_for() as client:
+                    # aiomqtt waits for the CONNACK with asyncio.wait_for, which can swallow
+                    # a cancellation that arrives with it (Python 3.11).
+                    self._raise_if_closing()
                     async with asyncio.timeout(settings.connect_timeout):
-                        await client.subscribe(self._topics[0], qos=1)
+                        await client.subscribe(self._topics[0], qos=1, timeout=math.inf)
                     self._client = client
                     reported = True
                     self._log.info("link.connected", attempt=attempt)
                     self._on_event(Connected(attempt))
                     failures = 0
                     attempt = 0
-                    reason = await self._serve(client)
-            except aiomqtt.MqttError as exc:
+                    try:
+                        reason = await self._serve(client)
+                    finally:
+                        # From here on a publish fails at once ("not connected") rather than
+                        # queueing on a connection that is being torn down.
+                        self._client = None
+                    # A connection that ends as the link closes: the task group in _serve
+                    # gives the connection's error priority over the cancellation.
+                    self._raise_if_closing()
+            except (aiomqtt.MqttError, OSError) as exc:
+                # aiomqtt's teardown raises MqttError ("Operation timed out") when the
+                # DISCONNECT cannot be written in time, replacing a cancellation in flight.
+                self._raise_if_closing()
                 reason = _describe(exc)
             except TimeoutError:
+                self._raise_if_closing()
                 reason = f"no SUBACK within {settings.connect_timeout} s"
             finally:
                 self._client = None
@@ -403,6 +434,23 @@ class AirVantageLink:
         except* aiomqtt.MqttError as lost:
             reason = _first_reason(lost)
         return reason
+
+    def _raise_if_closing(self) -> None:
+        """Re-raise the link's own cancellation where a library may have swallowed it.
+
+        Python 3.11's ``asyncio.wait_for`` (which aiomqtt uses for the CONNACK and the
+        disconnect) returns normally when a cancellation arrives with its result; aiomqtt's
+        teardown replaces a cancellation with ``MqttError`` when its DISCONNECT cannot be
+        written in time; a task group whose child failed as its parent was cancelled raises the
+        child's error. Any of them would keep the link reconnecting after it was closed, and
+        its owner would never stop. ``Task.cancelling()`` cannot tell (3.11's task groups leave
+        it raised after a child fails), so the link remembers that it is closing.
+
+        Raises:
+            asyncio.CancelledError: the link is closing.
+        """
+        if self._closing:
+            raise asyncio.CancelledError("link closing")
 
     def _drop_connection(self, reason: str) -> None:
         """End the current connection (the loop reconnects): it no longer carries publishes."""
