@@ -40,11 +40,15 @@ actions the machine returns, honouring the machine's driver contract:
    does), its loops are registered with the systemd watchdog from then on, beside the machine
    loop; it unregisters them when it stops.
 
-Shutdown: when ``shutdown()`` returns, the machine task is cancelled (a storage action in a
-worker thread completes: files are written atomically either way), then the publisher, then the
-link; the timer is disarmed. ``ready`` is set once the machine has been started and the link is
-connecting. With systemd, READY/STATUS/STOPPING are reported and the watchdog is pinged while
-the machine loop and the publisher's loops turn.
+Shutdown: when ``shutdown()`` returns, the machine loop first finishes the item it is working
+on, within ``drain_timeout`` (5 s): a gateway stopped just after its bundle became durable still
+acks the delivery and reports ``provisioned``, instead of leaving the cloud without the news (it
+would only hear it at the next start) and the superseded certificates active. Then the machine
+task is cancelled (a storage action in a worker thread completes: files are written atomically
+either way), then the publisher, then the link; the timer is disarmed. A send still unsent then
+is lost to this run only: a machine resumed PROVISIONED reports again. ``ready`` is set once
+the machine has been started and the link is connecting. With systemd, READY/STATUS/STOPPING
+are reported and the watchdog is pinged while the machine loop and the publisher's loops turn.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ from ztp_daemon.state import StateFile
 
 __all__ = [
     "BUNDLE_DIRECTORY",
+    "DRAIN_TIMEOUT",
     "MACHINE_TASK_NAME",
     "PUBLISHER_TASK_NAME",
     "PublisherFactory",
@@ -126,6 +131,8 @@ __all__ = [
 ]
 
 MACHINE_TASK_NAME: Final = "supervisor.machine"
+#: How long shutdown waits for the machine loop to finish the item in progress, seconds.
+DRAIN_TIMEOUT: Final = 5.0
 PUBLISHER_TASK_NAME: Final = "supervisor.publisher"
 #: Where the credential bundles live, under the state directory.
 BUNDLE_DIRECTORY: Final = "bundles"
@@ -218,6 +225,7 @@ class Supervisor:
         notifier: systemd notifications (``None``: none).
         rng: the source of the link's backoff jitter.
         clock: the wall clock in epoch seconds (the machine's ``now``, timestamps).
+        drain_timeout: how long shutdown waits for the item in progress, seconds.
     """
 
     def __init__(
@@ -234,8 +242,12 @@ class Supervisor:
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
         self._machine = machine
+        self._drain_timeout = drain_timeout
+        # Set while the machine loop waits for its next item (nothing half done).
+        self._idle = asyncio.Event()
         self._serial = serial
         self._subject = subject
         self._keystore = keystore
@@ -303,10 +315,25 @@ class Supervisor:
             await shutdown()
             self._log.info("supervisor.stopping", state=self._machine.state.value)
             self._notifier.stopping()
+            await self._drain()
             machine_task.cancel("shutdown")
             if self._publisher_task is not None:
                 self._publisher_task.cancel("shutdown")
         self._log.info("supervisor.stopped", state=self._machine.state.value)
+
+    async def _drain(self) -> None:
+        """Let the machine loop finish the item in progress (its sends), within the bound."""
+        if self._idle.is_set():
+            return
+        try:
+            async with asyncio.timeout(self._drain_timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            self._log.warning(
+                "supervisor.drain_timeout",
+                timeout_s=self._drain_timeout,
+                state=self._machine.state.value,
+            )
 
     def _on_link_event(self, event: LinkEvent) -> None:
         """Called by the link's task: translate and queue, never block."""
@@ -327,6 +354,13 @@ class Supervisor:
                 self._inbox.put_nowait(_RefuseTask(other.uid, message))
 
     async def _next_item(self) -> _Item:
+        self._idle.set()
+        try:
+            return await self._wait_item()
+        finally:
+            self._idle.clear()
+
+    async def _wait_item(self) -> _Item:
         watchdog = self._watchdog
         period = watchdog.beat_period if watchdog is not None else None
         if watchdog is None or period is None:
