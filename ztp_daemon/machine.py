@@ -183,6 +183,7 @@ __all__ = [
 ]
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 _MAX_REASON_CHARS = 200
 
 
@@ -320,7 +321,13 @@ class StateRecord:
             if self.bundle_version is None or self.bundle_version < 1:
                 msg = f"a {self.state.name} record needs a bundle_version >= 1"
                 raise ValueError(msg)
-            _check_id("certificate_id", self.certificate_id)
+            # What the status report will carry: AWS IoT's id, 64 lowercase hex digits. A record
+            # holding anything else (a damaged or hand-edited file) is refused when loaded, not
+            # at every start by the report that cannot encode it.
+            certificate_id = self.certificate_id
+            if not isinstance(certificate_id, str) or not _CERTIFICATE_ID.fullmatch(certificate_id):
+                msg = f"certificate_id must be 64 lowercase hex digits, got {certificate_id!r:.80}"
+                raise ValueError(msg)
 
     @property
     def renewing(self) -> bool:

@@ -111,6 +111,9 @@ def _document(**changes: object) -> bytes:
         _document(next_retry_at=None),
         _document(request_id=None),
         _document(bundle_version=1.5),
+        # A status report could not carry these: AWS IoT ids are 64 lowercase hex digits.
+        _document(state="provisioned", bundle_version=1, certificate_id="cert-1"),
+        _document(state="provisioned", bundle_version=1, certificate_id="A" * 64),
     ],
 )
 def test_damaged_state_is_a_storage_error(tmp_path: Path, content: bytes) -> None:
