@@ -528,11 +528,11 @@ class KeyReady(Event):
 
     def __post_init__(self) -> None:
         try:
-            csr = x509.load_pem_x509_csr(self.csr_pem.strip().encode("ascii"))
+            public_key = _public_key_of(self.csr_pem)
         except (ValueError, UnicodeEncodeError) as exc:
             msg = "csr_pem is not a PEM certificate request"
             raise ValueError(msg) from exc
-        object.__setattr__(self, "public_key", csr.public_key())
+        object.__setattr__(self, "public_key", public_key)
 
 
 @dataclass(frozen=True, slots=True)
